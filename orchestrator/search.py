@@ -1,0 +1,65 @@
+"""How trials are proposed: the full grid, or a multi-objective Optuna study over the same axes.
+
+The Optuna study searches the spec's grid axes as categorical choices (so every proposal is a combination the
+spec already validated), minimising FVU at the objective granularity and the dictionary size (or L0). It lives
+in an RDB storage (SQLite beside the MLflow store by default), so `optuna.load_study` and optuna-dashboard open
+it and a later run with the same study name continues it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.spec import SweepSpec, absolute_tracking_uri
+
+OBJECTIVES = ["objective_fvu", "objective_size"]
+
+
+def grid_space(spec: SweepSpec) -> dict[str, Any]:
+    return {"point": tune.grid_search(spec.trial_points())}
+
+
+def optuna_space(spec: SweepSpec) -> dict[str, Any]:
+    g = spec.grid
+    return {
+        "n_latents": tune.choice(g.n_latents),
+        "k": tune.choice(g.k),
+        "architecture": tune.choice(g.architecture),
+        "partition_index": tune.choice(list(range(len(g.partition)))),
+        "seed": tune.choice(g.seed),
+    }
+
+
+def optuna_storage_url(spec: SweepSpec) -> str:
+    """The spec's storage URL, else a SQLite file beside a SQLite MLflow store (mlflow/optuna.db)."""
+    if spec.optuna.storage:
+        return absolute_tracking_uri(spec.optuna.storage)
+    uri = spec.resolved_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).parent / "optuna.db")
+    return absolute_tracking_uri("sqlite:///mlflow/optuna.db")
+
+
+def study_name(spec: SweepSpec) -> str:
+    return spec.optuna.study_name or f"sae-frontier-{spec.name}"
+
+
+def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
+    Path(optuna_storage_url(spec).removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(optuna_storage_url(spec))
+    return OptunaSearch(
+        metric=OBJECTIVES, mode=["min", "min"], storage=storage, study_name=study_name(spec),
+        sampler=optuna.samplers.NSGAIISampler(seed=spec.optuna.seed),
+    )
+
+
+def pareto_trials(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The study's Pareto-optimal trials (optuna's best_trials), as plain dicts."""
+    study = optuna.load_study(study_name=study_name(spec), storage=optuna_storage_url(spec))
+    return [{"number": t.number, **t.params, "objective_fvu": t.values[0], "objective_size": t.values[1]}
+            for t in study.best_trials]

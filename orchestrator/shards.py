@@ -1,0 +1,319 @@
+"""The activation shard store: format, integrity checks and streaming readers.
+
+A store is `<storage>/<key>/` on any filesystem pyarrow can open (local folder, s3://, gs://, hdfs://):
+
+    plan.json               shard plan fixed when the harvest starts (contexts per shard), so a resume cuts
+                            the same shards
+    shard-00000.parquet     one row per harvested token (BOS positions dropped), one row group:
+                              act fixed_size_list<float32|float16|uint16 (bfloat16 bits)>[d], token_id int32,
+                              context_id int32, position int32, doc_id int64, label dictionary<string>
+    shard-00000.json        sidecar {name, index, rows, bytes, sha256, norm_sum, first_context, n_contexts},
+                            written after its shard: a shard without one is incomplete
+    manifest.json           written last: the store is complete only when it exists
+
+Every file is written to a temp name and renamed. Readers check each shard's sha256 and shape as they load it
+and stream a bounded buffer of shards, so memory stays flat however large the store grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+RECORD_COLUMNS = ("act", "token_id", "context_id", "position", "doc_id", "label")
+
+
+class ShardError(ValueError):
+    """A shard (or the store around it) fails its integrity check."""
+
+
+@dataclass
+class Manifest:
+    key: str
+    model: str
+    revision: str
+    site: str
+    corpus: str
+    split: str
+    tokens: int
+    d: int
+    dtype: str
+    mean_norm: float
+    context_length: int
+    n_contexts: int
+    contexts_per_shard: int
+    labels: list[str]
+    shards: list[dict[str, Any]]  # {name, rows, bytes, sha256, first_context, n_contexts}
+    config: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def storage_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands."""
+    uri = str(uri)
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), Path(uri).expanduser().resolve().as_posix()
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.readall()
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write to a temp name beside `path`, then rename, so readers never see a partial file."""
+    base, _, name = path.rpartition("/")
+    tmp = f"{base}/.tmp-{name}-{random.getrandbits(48):012x}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    return json.loads(read_bytes(fs, path))
+
+
+def encode_shard(act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray], labels: Sequence[str],
+                 label_idx: np.ndarray) -> bytes:
+    """Parquet bytes of one shard. act [n, d] is already in the storage dtype; bf16 is stored as its uint16 bits
+    (Arrow has no bfloat16)."""
+    n, d = act.shape
+    flat = act.contiguous().view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else act.numpy()
+    values = pa.array(flat.reshape(-1), type=_ARROW_VALUE[dtype])
+    arrays = {"act": pa.FixedSizeListArray.from_arrays(values, d)}
+    arrays.update({k: pa.array(v) for k, v in columns.items()})
+    arrays["label"] = pa.DictionaryArray.from_arrays(pa.array(label_idx, pa.int32()), pa.array(list(labels), pa.string()))
+    table = pa.table(arrays)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="none", row_group_size=max(n, 1), use_dictionary=["label"],
+                   write_statistics=False)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(store: str, index: int, act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray],
+                labels: Sequence[str], label_idx: np.ndarray, first_context: int, n_contexts: int) -> dict[str, Any]:
+    """Write shard `index` and then its sidecar (both atomically); return the sidecar dict."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    fs, path = storage_fs(store)
+    data = encode_shard(act.to(getattr(torch, dtype)), dtype, columns, labels, label_idx)
+    info = {"name": shard_name(index), "index": index, "rows": int(act.shape[0]), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "norm_sum": float(act.float().norm(dim=1).double().sum()),
+            "first_context": first_context, "n_contexts": n_contexts}
+    fs.create_dir(path, recursive=True)
+    write_atomic(fs, _join(path, info["name"]), data)
+    write_atomic(fs, _join(path, sidecar_name(index)), json.dumps(info).encode())
+    return info
+
+
+def write_manifest(store: str, manifest: Manifest) -> None:
+    """Written last: its presence marks the store complete."""
+    fs, path = storage_fs(store)
+    write_atomic(fs, _join(path, MANIFEST), manifest.to_json().encode())
+
+
+def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
+    """A read-only view of the shard's buffer (no copy): callers cat / index / convert, which copies."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    values = arr.values.to_numpy(zero_copy_only=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if dtype == "bfloat16":
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).view(-1, d)
+        return torch.from_numpy(values).view(-1, d)
+
+
+def read_manifest(store: str) -> Manifest:
+    fs, path = storage_fs(store)
+    mpath = _join(path, MANIFEST)
+    if not exists(fs, mpath):
+        raise ShardError(f"store {store} has no {MANIFEST}: the harvest is missing or unfinished; run harvest(cfg) "
+                         f"(it resumes from the complete shards)")
+    raw = read_json(fs, mpath)
+    if raw.get("format") != FORMAT_VERSION:
+        raise ShardError(f"store {store} has manifest format {raw.get('format')}, this code reads {FORMAT_VERSION}; "
+                         f"delete {store} and rerun the harvest")
+    return Manifest(**raw)
+
+
+def _fix_hint(store: str, shard_path: str) -> str:
+    return (f"Re-harvest it: delete {shard_path} and rerun the harvest with the same config (only missing shards "
+            f"are recomputed), or delete the whole store {store} to start over.")
+
+
+def load_shard(store: str, manifest: Manifest, index: int, columns: Sequence[str] = RECORD_COLUMNS,
+               verify: bool = True) -> dict[str, torch.Tensor]:
+    """One shard as tensors (act in the storage dtype; label as an index into manifest.labels), checked
+    against the manifest's sha256, row count and d."""
+    fs, path = storage_fs(store)
+    info = manifest.shards[index]
+    spath = _join(path, info["name"])
+    try:
+        data = read_bytes(fs, spath)
+    except (FileNotFoundError, OSError) as e:
+        raise ShardError(f"shard {spath} is missing ({e}). {_fix_hint(store, spath)}") from e
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info["sha256"]:
+            raise ShardError(f"shard {spath} is corrupt: sha256 {digest[:16]}... does not match the manifest's "
+                             f"{info['sha256'][:16]}.... {_fix_hint(store, spath)}")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(f"shard {spath} is unreadable ({e}). {_fix_hint(store, spath)}") from e
+    if table.num_rows != info["rows"]:
+        raise ShardError(f"shard {spath} has {table.num_rows} rows, the manifest says {info['rows']}. "
+                         f"{_fix_hint(store, spath)}")
+    out: dict[str, torch.Tensor] = {}
+    for name in columns:
+        col = table.column(name)
+        if name == "act":
+            if col.type.list_size != manifest.d:
+                raise ShardError(f"shard {spath} holds vectors of width {col.type.list_size}, the manifest says "
+                                 f"d={manifest.d}. {_fix_hint(store, spath)}")
+            out[name] = _decode_act(col, manifest.d, manifest.dtype)
+        elif name == "label":
+            arr = col.combine_chunks()
+            arr = arr if pa.types.is_dictionary(arr.type) else arr.dictionary_encode()
+            # parquet rebuilds each shard's dictionary in order of appearance: map it onto manifest.labels
+            lut = torch.tensor([manifest.labels.index(s) for s in arr.dictionary.to_pylist()] or [0], dtype=torch.long)
+            out[name] = lut[torch.from_numpy(arr.indices.to_numpy(zero_copy_only=False).astype(np.int64))]
+        else:
+            out[name] = torch.from_numpy(col.to_numpy().astype(np.int64))
+    return out
+
+
+def verify_store(store: str) -> None:
+    """Check every shard's sha256, rows and width against the manifest; raise ShardError naming the first bad one."""
+    m = read_manifest(store)
+    for i in range(len(m.shards)):
+        load_shard(store, m, i, columns=("act",))
+    total = sum(s["rows"] for s in m.shards)
+    if total != m.tokens:
+        raise ShardError(f"store {store}: shards hold {total} rows, the manifest says {m.tokens} tokens; delete "
+                         f"{store} and rerun the harvest")
+
+
+def _stream(store: str, batch_size: int, columns: Sequence[str], shuffle: bool, seed: int, epochs: int,
+            buffer_shards: int, drop_last: bool, verify: bool) -> Iterator[dict[str, torch.Tensor]]:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if buffer_shards <= 0:
+        raise ValueError(f"buffer_shards must be positive, got {buffer_shards}")
+    bad = [c for c in columns if c not in RECORD_COLUMNS]
+    if bad or not columns:
+        raise ValueError(f"columns must be a non-empty subset of {RECORD_COLUMNS}, got {tuple(columns)}")
+    m = read_manifest(store)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = list(range(len(m.shards)))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        carry: dict[str, torch.Tensor] | None = None
+        for g in range(0, len(order), buffer_shards):
+            parts = [load_shard(store, m, i, columns, verify) for i in order[g: g + buffer_shards]]
+            if carry is not None:
+                parts.insert(0, carry)
+            buf = {c: torch.cat([p[c] for p in parts]) for c in columns}
+            n = buf[columns[0]].shape[0]
+            if shuffle:
+                perm = torch.randperm(n, generator=gen)
+                buf = {c: t[perm] for c, t in buf.items()}
+            full = n - n % batch_size
+            for i in range(0, full, batch_size):
+                yield {c: t[i: i + batch_size] for c, t in buf.items()}
+            carry = {c: t[full:] for c, t in buf.items()}
+        if carry is not None and carry[columns[0]].shape[0] > 0 and not drop_last:
+            yield carry
+
+
+def iter_batches(store: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", epochs: int = 1,
+                 columns: Sequence[str] = ("act",), buffer_shards: int = 4, drop_last: bool = False,
+                 verify: bool = True) -> Iterator[Any]:
+    """Stream batches of activations [B, d] (`dtype`, on `device`), shuffled within a buffer of
+    `buffer_shards` shards (shard order also shuffled per epoch), so memory is about buffer_shards shards however
+    large the store. Each epoch ends with its remainder batch (< B rows) unless drop_last. Every shard's sha256
+    and shape are checked as it loads (verify=False skips the hash). With several columns, yields dicts."""
+    for batch in _stream(store, batch_size, tuple(columns), shuffle, seed, epochs, buffer_shards, drop_last, verify):
+        if "act" in batch:
+            batch["act"] = batch["act"].to(device=device, dtype=dtype)
+        if len(columns) == 1:
+            yield batch[columns[0]].to(device)
+        else:
+            yield {k: v.to(device) for k, v in batch.items()}
+
+
+def iter_records(store: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, buffer_shards: int = 4) -> Iterator[dict[str, Any]]:
+    """Every column, in store order by default: act [B, d] (`dtype`); token_id, context_id, position, doc_id,
+    label_id (index into read_manifest(store).labels) as [B] int64 tensors; label as a list of B strings."""
+    names = read_manifest(store).labels
+    for batch in _stream(store, batch_size, RECORD_COLUMNS, shuffle, seed, 1, buffer_shards, False, True):
+        batch["act"] = batch["act"].to(dtype)
+        batch["label_id"] = batch.pop("label")
+        batch["label"] = [names[i] for i in batch["label_id"].tolist()]
+        yield batch
+
+
+def read_dataset(store: str) -> Any:
+    """The store as a Ray Dataset: act is a float32 tensor column [d]; label a string; the rest integers.
+    Checks the manifest and shard sizes; full checksums are verify_store's job."""
+    import ray.data
+
+    m = read_manifest(store)
+    fs, path = storage_fs(store)
+    paths = []
+    for s in m.shards:
+        spath = _join(path, s["name"])
+        info = fs.get_file_info(spath)
+        if info.type != pafs.FileType.File or info.size != s["bytes"]:
+            raise ShardError(f"shard {spath} is missing or has the wrong size. {_fix_hint(store, spath)}")
+        paths.append(spath)
+    d, dtype = m.d, m.dtype
+
+    def as_tensor(batch: pa.Table) -> dict[str, np.ndarray]:
+        out = {c: batch.column(c).to_numpy() for c in ("token_id", "context_id", "position", "doc_id")}
+        out["label"] = batch.column("label").cast(pa.string()).to_numpy(zero_copy_only=False)
+        out["act"] = _decode_act(batch.column("act"), d, dtype).float().numpy()
+        return out
+
+    return ray.data.read_parquet(paths, filesystem=fs).map_batches(as_tensor, batch_format="pyarrow")

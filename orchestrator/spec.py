@@ -1,0 +1,304 @@
+"""The sweep spec: one YAML file, validated completely before Ray starts.
+
+A bad spec stops with one message that names the field (and, for grid points, their coordinates); nothing is
+written until it passes. The grid is expanded here, so every trial Tune sees is already a valid SAE config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sae.config import SAEConfig, TrainConfig
+from sae.matryoshka import partition_label, resolve_partition
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+SITE_PATTERN = re.compile(r"^(resid_post|resid_pre|mlp_out|attn_out)\.(\d+)$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HarvestResources(_Strict):
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1, description="contexts per LM forward")
+
+
+class TrialResources(_Strict):
+    cpus: float = Field(2.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    max_concurrent: int = Field(1, ge=1)
+
+
+class GridSpec(_Strict):
+    """The axes of the grid; every combination is one trial (one child run)."""
+
+    n_latents: list[int] = Field(min_length=1)
+    k: list[int] = Field(min_length=1)
+    architecture: list[Literal["topk", "batchtopk"]] = Field(default_factory=lambda: ["topk"], min_length=1)
+    partition: list[Any] = Field(default_factory=lambda: [None], min_length=1)
+    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
+class TrainSpec(_Strict):
+    batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(1, ge=1)
+    lr: float | None = None
+    warmup_steps: int = Field(50, ge=0)
+    decay_fraction: float = 0.2
+    aux_k: int | None = None
+    aux_coef: float = 1.0 / 32.0
+    dead_tokens: int = Field(1_000_000, ge=1)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    report_every_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(50, ge=1)
+
+
+class EvalSpec(_Strict):
+    granularities: list[int] | None = None
+    splice_contexts: int = Field(8, ge=1, description="eval contexts spliced for the CE/KL scores")
+    rsa_tokens: int = Field(512, ge=16)
+    probe_features: int = Field(8, ge=1)
+    concentration_top: int = Field(32, ge=2)
+    random_seed: int = 0
+
+
+class OptunaSpec(_Strict):
+    study_name: str | None = None
+    storage: str | None = Field(None, description="an SQLAlchemy URL; default: a SQLite file beside the MLflow store")
+    trials: int = Field(8, ge=1)
+    objective_granularity: int | None = None
+    size_objective: Literal["n_latents", "l0"] = "n_latents"
+    seed: int = 0
+
+
+class SweepSpec(_Strict):
+    name: str
+    experiment: str | None = None
+    model: str = "smollm2-135m"
+    revision: str | None = None
+    site: str = "resid_post.15"
+    corpus: str = "wiki-extracts"
+    corpus_split: str = "train"
+    text_column: str = "text"
+    label_column: str | None = "topic"
+    context_length: int = Field(128, ge=8)
+    train_tokens: int = Field(ge=1)
+    eval_tokens: int = Field(ge=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    storage: str = ".cache/shards"
+    tracking_uri: str | None = None
+    results_path: str = ".cache/ray_results"
+    harvest: HarvestResources = HarvestResources()
+    resources: TrialResources = TrialResources()
+    grid: GridSpec
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    optuna: OptunaSpec = OptunaSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"name must use letters, digits, '_', '.', '-' only, got {v!r}")
+        return v
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        if not SITE_PATTERN.match(v):
+            raise ValueError(f"site must be one of resid_post.L, resid_pre.L, mlp_out.L, attn_out.L, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> SweepSpec:
+        self.trial_points()  # raises with the coordinates of the first invalid combination
+        if self.eval.granularities is not None:
+            bad = [g for g in self.eval.granularities if g < 2 or g > max(self.grid.n_latents)]
+            if bad:
+                raise ValueError(f"eval.granularities must lie in 2..max(grid.n_latents), got {bad}")
+        g0 = self.optuna.objective_granularity
+        if g0 is not None and g0 not in self.granularities():
+            raise ValueError(f"optuna.objective_granularity must be one of the evaluated G {self.granularities()}, got {g0}")
+        if g0 is not None and g0 > min(self.grid.n_latents):
+            raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------------------
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"sae-frontier-{self.name}"
+
+    @property
+    def layer(self) -> int:
+        return int(SITE_PATTERN.match(self.site).group(2))
+
+    def resolved_tracking_uri(self) -> str:
+        return absolute_tracking_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def trial_points(self) -> list[dict[str, Any]]:
+        """Every grid combination as a plain dict (the Tune config of one trial), validated."""
+        g = self.grid
+        return [make_point(n, k, a, p, s) for n, k, a, p, s in
+                itertools.product(g.n_latents, g.k, g.architecture, g.partition, g.seed)]
+
+    def objective_granularity(self) -> int:
+        """The G at which an Optuna study minimises FVU: the spec's, else the smallest n (every run has it)."""
+        return self.optuna.objective_granularity or min(self.grid.n_latents)
+
+    def granularities(self) -> list[int]:
+        """The G values every run is evaluated at (the same list for all runs, so curves overlay).
+
+        Default: powers of two from above the largest k up to the largest n, every partition boundary, and every n.
+        """
+        if self.eval.granularities is not None:
+            return sorted(set(self.eval.granularities))
+        n_max, k_max = max(self.grid.n_latents), max(self.grid.k)
+        gs = {2**j for j in range(1, 40) if k_max < 2**j <= n_max}
+        gs |= set(self.grid.n_latents)
+        for p in self.trial_points():
+            gs |= set(p["boundaries"] or [])
+        return sorted(g for g in gs if g > k_max or g in self.grid.n_latents)
+
+    def train_config(self, point: dict[str, Any], device: str) -> TrainConfig:
+        t = self.train
+        return TrainConfig(
+            lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
+            total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef,
+            dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
+        )
+
+
+def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> dict[str, Any]:
+    """One validated trial config; errors name the grid coordinates."""
+    where = (f"grid point (n_latents={n}, k={k}, architecture={architecture}, "
+             f"partition={partition_label(partition)}, seed={seed})")
+    try:
+        boundaries = resolve_partition(partition, n)
+        SAEConfig(d_in=1, n_latents=n, k=k, architecture=architecture, partition=boundaries)
+    except ValidationError as err:
+        raise ValueError(f"{where}: {_first_message(err)}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    point = {"n_latents": n, "k": k, "architecture": architecture, "partition": partition_label(partition),
+             "boundaries": list(boundaries) if boundaries else None, "seed": seed}
+    point["trial_key"] = trial_key(point)
+    return point
+
+
+def point_from_config(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
+    """A trial's point from its Tune config: a grid trial carries it whole; an Optuna trial carries the axes."""
+    if "point" in config:
+        return config["point"]
+    return make_point(config["n_latents"], config["k"], config["architecture"],
+                      spec.grid.partition[config["partition_index"]], config["seed"])
+
+
+def trial_key(point: dict[str, Any]) -> str:
+    """A stable id for a grid point: the tag that matches a trial to its MLflow run across resumes."""
+    fields = {k: point[k] for k in ("n_latents", "k", "architecture", "partition", "seed")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def home() -> Path:
+    """What relative paths in a spec are relative to: $SAE_FRONTIER_HOME, else the repo root.
+
+    `ray job submit` unpacks the working dir into a temporary folder; `make submit` sets SAE_FRONTIER_HOME to
+    the checkout so the job reuses its shards, results and MLflow store instead of writing into that folder.
+    """
+    return Path(os.environ.get("SAE_FRONTIER_HOME") or REPO_ROOT)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite URI absolute, so every Ray worker and job writes one store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((home() / uri[len(prefix):]).resolve())
+    return uri
+
+
+def resolve_path(path: str) -> str:
+    """Relative local paths are taken from home(); URIs (s3://, gs://, ...) pass through."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return str((home() / path).resolve())
+
+
+def _first_message(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a spec. Names without a path are looked up in sweeps/specs/."""
+    p = Path(path)
+    if not p.exists() and not p.suffix and (SPEC_DIR / f"{p}.yaml").exists():
+        p = SPEC_DIR / f"{p}.yaml"
+    if not p.exists():
+        raise SpecError(f"spec file {str(path)!r} does not exist; available: {sorted(x.stem for x in SPEC_DIR.glob('*.yaml'))}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec {p}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec {p}: expected a mapping of fields at the top level")
+    return spec_from_dict({**raw, **(overrides or {})}, source=str(p))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+        raise SpecError(f"spec {source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def preflight(spec: SweepSpec) -> None:
+    """Checks that need the model's config and the corpus, still before Ray starts: an unknown model, a layer out
+    of range, a missing text column or an empty corpus stop here with the field named."""
+    from sae.corpus import load_corpus
+    from sae.lm import describe_model
+
+    try:
+        info = describe_model(spec.model, revision=spec.revision)
+    except (OSError, ValueError) as err:
+        raise SpecError(f"model: cannot load {spec.model!r}: {err}") from None
+    if not 0 <= spec.layer < info.n_layers:
+        raise SpecError(f"site: layer {spec.layer} is out of range for {spec.model} ({info.n_layers} layers, "
+                        f"0..{info.n_layers - 1})")
+    try:
+        corpus = load_corpus(spec.corpus, split=spec.corpus_split, text_column=spec.text_column,
+                             label_column=spec.label_column)
+    except (OSError, ValueError) as err:
+        raise SpecError(f"corpus: {err}") from None
+    if len(corpus) == 0:
+        raise SpecError(f"corpus: {spec.corpus!r} (split {spec.corpus_split!r}) is empty")

@@ -1,0 +1,180 @@
+"""The sweep driver: harvest once, run every trial through Ray Tune, track in MLflow, compute the frontier.
+
+It runs in the Ray driver (a plain `python sweeps/frontier.py`, or the entrypoint of `ray job submit`). The
+spec was validated before this point; the LM and corpus were checked by `preflight`; Ray starts only here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+
+from orchestrator.frontier import compare_experiments_figure, compute_frontier, frontier_table, plot_frontier
+from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
+from orchestrator.spec import SweepSpec, resolve_path
+from orchestrator.tracking import MLflowSweepCallback, Tracker
+from orchestrator.trial import run_trial
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial finished; `--resume` continues it."""
+
+
+@dataclass
+class SweepOutcome:
+    experiment: str
+    parent_run_id: str
+    frontier: pd.DataFrame
+    points: pd.DataFrame
+    harvest_seconds: float
+    trials_seconds: float
+    experiment_dir: str
+    pareto_trials: list[dict] | None = None
+
+
+def init_ray(spec: SweepSpec) -> None:
+    """Join the cluster this runs on (a job's RAY_ADDRESS), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:
+    h = spec.harvest
+    return HarvestConfig(
+        model=spec.model, revision=spec.revision, site=spec.site, corpus=spec.corpus, text_column=spec.text_column,
+        label_column=spec.label_column, split=split, tokens=spec.train_tokens if split == "train" else spec.eval_tokens,
+        context_length=spec.context_length, dtype=spec.activation_dtype, storage=resolve_path(spec.storage),
+        num_actors=h.num_actors, num_gpus_per_actor=h.num_gpus_per_actor, num_cpus_per_actor=h.num_cpus_per_actor,
+        batch_size=h.batch_size, lm_dtype=spec.lm_dtype, corpus_split=spec.corpus_split,
+        eval_fraction=spec.eval_fraction,
+    )
+
+
+def _latest_file(spec: SweepSpec, search: str) -> Path:
+    return Path(resolve_path(spec.results_path)) / f"{spec.name}.{search}.latest"
+
+
+def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
+    """A fresh sweep gets a new name; --resume continues the last one of this spec and search."""
+    latest = _latest_file(spec, search)
+    if resume:
+        if not latest.exists():
+            raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {latest.parent}")
+        return latest.read_text().strip()
+    name = f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = latest.with_suffix(".tmp")
+    tmp.write_text(name)
+    tmp.replace(latest)
+    return name
+
+
+def run_sweep(spec: SweepSpec, *, spec_text: str, search: str = "grid", trials: int | None = None,
+              resume: bool = False, log=print) -> SweepOutcome:
+    init_ray(spec)
+    t0 = time.perf_counter()
+    train_store = str(harvest(harvest_config(spec, "train")))
+    eval_store = str(harvest(harvest_config(spec, "eval")))
+    harvest_seconds = time.perf_counter() - t0
+    log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
+
+    name = _experiment_dir_name(spec, search, resume)
+    storage_path = resolve_path(spec.results_path)
+    tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
+    parent = tracker.parent_run(
+        name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec_text,
+        params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
+                "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": train_store,
+                "eval_store": eval_store, "granularities": spec.granularities()},
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),
+        {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
+    )
+    exp_path = os.path.join(storage_path, name)
+    t1 = time.perf_counter()
+    if resume and tune.Tuner.can_restore(exp_path):
+        log(f"[sweep] resuming {exp_path}: finished trials are kept, unfinished ones continue from their checkpoints")
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+    else:
+        if search == "optuna":
+            space = optuna_space(spec)
+            tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
+                                          max_concurrent_trials=spec.resources.max_concurrent)
+        else:
+            space = grid_space(spec)
+            tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent)
+        tuner = tune.Tuner(
+            trainable, param_space=space, tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path,
+                callbacks=[MLflowSweepCallback(spec.resolved_tracking_uri(), spec.experiment_name, parent,
+                                               spec.model_dump_json())],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=2), verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    trials_seconds = time.perf_counter() - t1
+    errors = [str(r.error) for r in results if r.error]
+    unfinished = [r for r in results if r.error is None and (r.metrics or {}).get("phase") != "eval"]
+    if unfinished:  # interrupted (Ctrl+C / SIGINT): Tune saved its state; the parent run stays open for --resume
+        tracker.finish(parent, "KILLED")
+        raise SweepInterrupted(f"{len(unfinished)} trial(s) unfinished; continue with: "
+                               f"python sweeps/frontier.py --spec <this spec> --resume")
+    points = tracker.curve_points([spec.experiment_name], parent_id=parent)
+    frontier = compute_frontier(points)
+    _log_frontier(tracker, parent, points, frontier, title=f"{spec.experiment_name} / {name}")
+    tracker.log_metrics(parent, {"harvest_seconds": harvest_seconds, "trials_seconds": trials_seconds,
+                                 "trials_finished": float(points["run_id"].nunique() if not points.empty else 0),
+                                 "trials_failed": float(len(errors))})
+    tracker.finish(parent, "FAILED" if errors else "FINISHED")
+    if errors:
+        raise RuntimeError(f"{len(errors)} trial(s) failed; first error:\n{errors[0]}")
+    outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path)
+    if search == "optuna":
+        outcome.pareto_trials = pareto_trials(spec)
+    return outcome
+
+
+def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        points.to_csv(out / "curve_points.csv", index=False)
+        frontier.to_csv(out / "frontier.csv", index=False)
+        if not points.empty:
+            plot_frontier(points, frontier, title=title).savefig(out / "frontier.png", dpi=110)
+        tracker.log_artifacts(run_id, out, "frontier")
+
+
+def compare(experiments: list[str], tracking_uri: str, out_dir: str) -> tuple[pd.DataFrame, Path]:
+    """Frontiers of earlier sweeps side by side, from MLflow alone (nothing is trained)."""
+    tracker = Tracker(tracking_uri, experiments[0])
+    points = tracker.curve_points(experiments)
+    if points.empty:
+        raise ValueError(f"no finished trial runs found in experiments {experiments}")
+    frontier = compute_frontier(points)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frontier.to_csv(out / "frontier.csv", index=False)
+    plot_frontier(points, frontier, title=" vs ".join(experiments)).savefig(out / "frontier.png", dpi=110)
+    compare_experiments_figure(points).savefig(out / "compare.png", dpi=110)
+    (out / "experiments.json").write_text(json.dumps(experiments))
+    return frontier, out
+
+
+__all__ = ["run_sweep", "compare", "SweepOutcome", "SweepInterrupted", "frontier_table"]

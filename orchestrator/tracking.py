@@ -1,0 +1,238 @@
+"""The only MLflow writer: one parent run per sweep, one child run per trial, written from the driver alone.
+
+Trials never talk to MLflow; they report through Ray Tune and leave a result bundle (result.json, the SAE
+checkpoint, plots) in their final Tune checkpoint. `MLflowSweepCallback` runs in the driver and turns those
+reports into MLflow runs, so a SQLite store only ever sees one writer. Runs are matched by tags (the sweep key
+on the parent, the trial key on each child), which is what makes `--resume` reuse runs instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.spec import SweepSpec, point_from_config
+from sae.evaluate import CURVE_METHODS
+
+SWEEP_KEY_TAG = "sae_frontier.sweep_key"
+TRIAL_KEY_TAG = "sae_frontier.trial_id"  # the Tune trial id: stable across Tuner.restore
+POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key)
+SPEC_HASH_TAG = "sae_frontier.spec_hash"
+PARENT_TAG = "mlflow.parentRunId"
+RESULT_FILE = "result.json"
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Keep artifacts beside a SQLite store (mlflow/artifacts), not wherever the process happens to run."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+class Tracker:
+    """Thin, explicit wrapper over MlflowClient for this project's run layout."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            root = _artifact_root(tracking_uri)
+            location = f"{root}/{experiment}" if root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    # ---- runs ------------------------------------------------------------------------------------------------
+    def _find(self, filter_string: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, sweep_key: str, *, name: str, spec_hash: str, spec_yaml: str, params: dict[str, Any]) -> str:
+        """The sweep's parent run: reused when a run with the same sweep key exists (a resumed sweep)."""
+        run_id = self._find(f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' and tags.`{PARENT_TAG}` IS NULL")
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={SWEEP_KEY_TAG: sweep_key, SPEC_HASH_TAG: spec_hash, "sae_frontier.kind": "sweep"},
+        )
+        self.client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, trial_id: str, *, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """One child run per trial, matched by the Tune trial id so a resumed trial reuses its run."""
+        run_id = self._find(f"tags.`{TRIAL_KEY_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'")
+        if run_id is not None:
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={PARENT_TAG: parent_id, TRIAL_KEY_TAG: trial_id, "sae_frontier.kind": "trial", **tags},
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def is_finished(self, run_id: str) -> bool:
+        return self.client.get_run(run_id).info.status == "FINISHED"
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v)]
+        self._log_metric_items(run_id, items)
+
+    def log_curves(self, run_id: str, curves: dict[str, list[list[float]]]) -> None:
+        """Each curve is a metric history with step = G (latents kept), which the MLflow UI draws natively."""
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(g)) for key, pts in curves.items() for g, v in pts if _is_number(v)]
+        self._log_metric_items(run_id, items)
+
+    def _log_metric_items(self, run_id: str, items: list[Metric]) -> None:
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
+
+    def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_trial_bundle(self, run_id: str, bundle: Path) -> dict[str, Any]:
+        """Log a finished trial's result bundle (written by orchestrator.trial) to its child run."""
+        result = json.loads((bundle / RESULT_FILE).read_text())
+        self.log_metrics(run_id, result["final"])
+        self.log_curves(run_id, result["curves"])
+        self.log_params(run_id, {f"resolved.{k}": v for k, v in result.get("resolved", {}).items()})
+        for sub in ("sae", "plots"):
+            if (bundle / sub).is_dir():
+                self.log_artifacts(run_id, bundle / sub, sub)
+        self.client.log_artifact(run_id, str(bundle / RESULT_FILE))
+        return result
+
+    # ---- reading (for the frontier) ---------------------------------------------------------------------------
+    def curve_points(self, experiment_names: list[str], parent_id: str | None = None) -> pd.DataFrame:
+        """Every (child run, curve, G) point of finished trials, one row each, for frontier computations.
+
+        With `parent_id`, only the trials of that sweep.
+        """
+        ids = []
+        for name in experiment_names:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise ValueError(f"experiment {name!r} not found in {self.tracking_uri}")
+            ids.append(exp.experiment_id)
+        query = "tags.`sae_frontier.kind` = 'trial' and attributes.status = 'FINISHED'"
+        if parent_id:
+            query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+        rows = []
+        for run in self.client.search_runs(ids, filter_string=query, max_results=5000):
+            p, exp_name = run.data.params, self.client.get_experiment(run.info.experiment_id).name
+            keys = [k for k in run.data.metrics if k.partition("/")[2] in CURVE_METHODS]
+            history = {key: {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)} for key in keys}
+            methods = {key.split("/", 1)[1] for key in keys}
+            for method in methods:
+                steps = sorted(history.get(f"fvu/{method}", {}))
+                for g in steps:
+                    row = {
+                        "experiment": exp_name, "run_id": run.info.run_id, "run_name": run.info.run_name,
+                        "n_latents": int(p["n_latents"]), "k": int(p["k"]), "architecture": p["architecture"],
+                        "partition": p["partition"], "seed": int(p["seed"]), "method": method, "G": int(g),
+                    }
+                    for key, values in history.items():
+                        metric, m = key.split("/", 1)
+                        if m == method and g in values:
+                            row[metric] = values[g]
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def runs_of(self, parent_id: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=5000)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+class MLflowSweepCallback(tune.Callback):
+    """Driver-side Tune callback: the one process that writes MLflow during a sweep.
+
+    It is pickled with the Tuner (so `Tuner.restore` brings it back): it holds only names and ids, and opens
+    its MLflow client lazily.
+    """
+
+    TRAIN_KEYS = ("loss", "mse", "fvu", "l0", "dead_fraction", "aux_loss", "lr")
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_id: str, spec_json: str):
+        self.tracking_uri, self.experiment, self.parent_id = tracking_uri, experiment, parent_id
+        self.spec_json = spec_json
+        self.spec = SweepSpec.model_validate_json(spec_json)
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
+                "spec_json": self.spec_json}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment)
+        return self._tracker
+
+    def _run_for(self, trial) -> str:
+        key = trial.trial_id
+        if key not in self._runs:
+            point = point_from_config(trial.config, self.spec)
+            name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
+            params = {k: v for k, v in point.items() if k != "trial_key"}
+            self._runs[key] = self.tracker.child_run(self.parent_id, key, name=name, params=params,
+                                                     tags={POINT_KEY_TAG: point["trial_key"]})
+        return self._runs[key]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("phase") != "train":
+            return
+        metrics = {f"train/{k}": result[k] for k in self.TRAIN_KEYS if k in result}
+        self.tracker.log_metrics(self._run_for(trial), metrics, step=int(result["tokens_seen"]))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            self.tracker.finish(run_id, "FAILED")
+            return
+        with checkpoint.as_directory() as path:
+            if not (Path(path) / RESULT_FILE).exists():
+                self.tracker.finish(run_id, "FAILED")
+                return
+            self.tracker.log_trial_bundle(run_id, Path(path))
+        self.tracker.finish(run_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.finish(self._run_for(trial), "FAILED")

@@ -1,0 +1,143 @@
+"""Typed configs for an SAE and its training, validated at construction.
+
+Every check names the field and what would be valid, so a bad sweep spec fails before any work starts.
+`SAEConfig` is what a checkpoint's cfg.json holds; `TrainConfig` is how one SAE was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+Architecture = Literal["topk", "batchtopk"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class SAEConfig(BaseModel):
+    """Shape and encoder of one SAE.
+
+    `partition` makes it a Matryoshka SAE: strictly increasing group boundaries m_1 < ... < m_G = n_latents
+    (prefix i is latents [0, m_i)). `input_scale` multiplies raw activations before encoding (set from the
+    data so their mean norm is sqrt(d_in)); the SAE divides it back out, so a saved SAE maps raw to raw.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    d_in: int
+    n_latents: int
+    k: int
+    architecture: Architecture = "topk"
+    partition: tuple[int, ...] | None = None
+    group_weights: tuple[float, ...] | None = None
+    input_scale: float = 1.0
+    dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> SAEConfig:
+        if self.d_in <= 0:
+            raise ValueError(f"d_in must be a positive integer, got {self.d_in}")
+        if self.n_latents <= 0:
+            raise ValueError(f"n_latents must be a positive integer, got {self.n_latents}")
+        if not 0 < self.k < self.n_latents:
+            raise ValueError(f"k must satisfy 0 < k < n_latents (= {self.n_latents}), got k={self.k}")
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"input_scale must be a finite positive number, got {self.input_scale}")
+        if self.partition is not None:
+            p = self.partition
+            if len(p) == 0:
+                raise ValueError("partition must hold at least one boundary (use null for a vanilla SAE)")
+            if p[0] <= 0 or any(b <= a for a, b in zip(p, p[1:], strict=False)):
+                raise ValueError(f"partition must be strictly increasing positive boundaries, got {list(p)}")
+            if p[-1] != self.n_latents:
+                raise ValueError(
+                    f"partition must end at n_latents (= {self.n_latents}), got last boundary {p[-1]}"
+                )
+        if self.group_weights is not None:
+            if self.partition is None:
+                raise ValueError("group_weights needs a partition (one weight per Matryoshka group)")
+            if len(self.group_weights) != len(self.partition):
+                raise ValueError(
+                    f"group_weights must have one weight per group ({len(self.partition)}), "
+                    f"got {len(self.group_weights)}"
+                )
+            if any(not (math.isfinite(w) and w >= 0) for w in self.group_weights) or sum(self.group_weights) <= 0:
+                raise ValueError(f"group_weights must be finite, non-negative and not all zero, got {self.group_weights}")
+        return self
+
+    @property
+    def is_matryoshka(self) -> bool:
+        return self.partition is not None and len(self.partition) > 1
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Per-group loss weights, normalised to sum to 1 (default equal, w_i = 1/G)."""
+        groups = self.partition or (self.n_latents,)
+        raw = self.group_weights or (1.0,) * len(groups)
+        total = sum(raw)
+        return tuple(w / total for w in raw)
+
+
+class TrainConfig(BaseModel):
+    """How one SAE is trained (Gao et al. 2024; Bussmann et al. 2025 defaults).
+
+    `lr=None` means 2e-4 / sqrt(n_latents / 2**14). The schedule is linear warm-up over `warmup_steps`, then
+    constant, then linear decay to zero over the last `decay_fraction` of `total_tokens` (no decay if unknown).
+    AuxK reconstructs the residual from latents that have not fired for `dead_tokens` tokens.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 6.25e-10
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    total_tokens: int | None = None
+    aux_k: int | None = None
+    aux_coef: float = 1.0 / 32.0
+    dead_tokens: int = 10_000_000
+    threshold_momentum: float = 0.99
+    geometric_median_samples: int = 4096
+    seed: int = 0
+    device: str = "cpu"
+    dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite positive number (or null for the default), got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each lie in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.decay_fraction < 1.0:
+            raise ValueError(f"decay_fraction must lie in [0, 1), got {self.decay_fraction}")
+        if self.total_tokens is not None and self.total_tokens <= 0:
+            raise ValueError(f"total_tokens must be positive (or null), got {self.total_tokens}")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise ValueError(f"aux_k must be a positive integer (or null for min(d_in // 2, 512)), got {self.aux_k}")
+        if self.aux_coef < 0:
+            raise ValueError(f"aux_coef must be >= 0, got {self.aux_coef}")
+        if self.dead_tokens <= 0:
+            raise ValueError(f"dead_tokens must be a positive token count, got {self.dead_tokens}")
+        if not 0.0 < self.threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must lie in (0, 1), got {self.threshold_momentum}")
+        if self.geometric_median_samples <= 0:
+            raise ValueError(f"geometric_median_samples must be positive, got {self.geometric_median_samples}")
+        if not (self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if self.dtype != "float32":
+            raise ValueError(f"dtype (the master weights) must be 'float32', got {self.dtype!r}; use compute_dtype for bf16")
+        return self
+
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def aux_k_for(self, d_in: int, n_latents: int) -> int:
+        k = self.aux_k if self.aux_k is not None else min(d_in // 2, 512)
+        return max(1, min(k, n_latents))

@@ -1,0 +1,431 @@
+"""Load a causal LM, name its activation sites one way for every architecture, harvest and splice them.
+
+Sites are `resid_pre.L` (input of decoder layer L), `resid_post.L` (its output), `attn_out.L` and
+`mlp_out.L` (what the attention / MLP block adds to the residual stream; for post-norm layouts such as
+Gemma-2/3 or OLMo-2 that is the output of the post-attention / post-feedforward norm). The decoder layer list
+and the attn/mlp submodules are found by known attribute names, so Llama, Gemma, Mistral, Qwen, GPT-2 and
+GPT-NeoX layouts work without per-model code.
+
+Harvesting stops the forward pass right after the hooked site (a private exception raised from the hook), so
+no later layer and no LM head runs. Splicing replaces the site by a reconstruction at every position except
+position 0: contexts start with BOS, whose activation is huge and atypical, and SAEBench excludes it; keeping it
+clean in both the SAE and the zero-ablation runs makes the scores measure the ordinary tokens only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from sae.assets import smollm2_gguf_path
+
+EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf_path}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
+                "gpt_neox.layers", "transformer.layers", "transformer.blocks", "layers", "h")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+Replacement = Callable[[torch.Tensor], torch.Tensor] | Literal["zero"] | None
+
+
+@dataclass
+class LoadedLM:
+    """A model in eval mode plus what a store needs to name it (revision = HF commit or sha256 of the weights)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    revision: str
+    n_layers: int
+    d_model: int
+    device: torch.device
+    dtype: torch.dtype
+    layers: torch.nn.ModuleList
+
+
+@dataclass(frozen=True)
+class Site:
+    kind: str
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+
+class _StopForward(Exception):
+    """Raised by a harvest hook once the site is captured, so no later layer runs."""
+
+
+def parse_dtype(dtype: str | torch.dtype, field: str = "dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"{field} must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+@lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached per (path, size, mtime) so repeated loads of a 98 MB GGUF hash it once."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _resolve_source(name: str) -> tuple[str, str | None, Path | None]:
+    """(what to pass to from_pretrained, gguf file name or None, local weights path or None)."""
+    if name in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[name]()
+        return str(path.parent), path.name, path
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model: GGUF file {str(path)!r} does not exist; give an existing .gguf file, a local "
+                             f"model directory, a Hugging Face model name or one of {sorted(EMBEDDED_MODELS)}")
+        return str(path.parent), path.name, path
+    if path.is_dir():
+        return str(path), None, path
+    if name.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"model: local path {name!r} does not exist; give an existing directory or .gguf file, "
+                         f"a Hugging Face model name or one of {sorted(EMBEDDED_MODELS)}")
+    return name, None, None
+
+
+def resolve_revision(name: str, revision: str | None = None) -> str:
+    """Identity of the weights: sha256 of a GGUF file, a combined sha256 of a local directory's weight files,
+    or for a hub name the revision asked for ('main' when none; pin one for reproducible store keys)."""
+    _, _, local = _resolve_source(name)
+    if local is None:
+        return revision or "main"
+    if local.is_file():
+        return "sha256:" + file_sha256(local)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if not files:
+        raise ValueError(f"model: directory {str(local)!r} holds no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(local)}:{file_sha256(p)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _get_attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layer list: known attribute paths first, then the longest ModuleList in the model."""
+    for path in _LAYER_PATHS:
+        layers = _get_attr_path(model, path)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"model {type(model).__name__} has no decoder layer list (looked at {_LAYER_PATHS})")
+    return max(lists, key=len)
+
+
+def _find_child(layer: torch.nn.Module, names: tuple[str, ...], what: str) -> torch.nn.Module:
+    for n in names:
+        child = getattr(layer, n, None)
+        if isinstance(child, torch.nn.Module):
+            return child
+    children = [n for n, _ in layer.named_children()]
+    raise ValueError(f"site {what}: decoder layer {type(layer).__name__} has none of {names} (children: {children})")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SAE_FRONTIER_CACHE, else ~/.cache/sae_frontier."""
+    return Path(os.environ.get("SAE_FRONTIER_CACHE") or Path.home() / ".cache" / "sae_frontier")
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A safetensors copy of a GGUF model (dequantised to float32), made once per file sha256.
+
+    Parsing a GGUF in transformers takes 10-20 s (its vocab and tensor map are decoded field by field); the
+    converted copy loads in well under a second, which matters because every harvest actor and trial loads the
+    LM. Written to a temp dir and renamed, so concurrent loaders never see a half-written copy.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root() / "models" / f"gguf-{file_sha256(path)[:32]}"
+    if (target / "complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the copy is plain float32, not a GGUF checkpoint
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").write_text(str(path) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its copy first
+            if not (target / "complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None) -> Any:
+    """The model's tokenizer alone (what a harvest driver needs to cut contexts)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file, local = _resolve_source(name)
+    if gguf_file is not None:
+        source = str(_converted_gguf(Path(source) / gguf_file))
+    kwargs = {"revision": revision} if local is None and revision is not None else {}
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def load_lm(name: str = "smollm2-135m", *, device: str = "cpu", dtype: str = "float32",
+            revision: str | None = None) -> LoadedLM:
+    """Load any causal LM transformers can load: a hub name, a local directory, a .gguf file, or an embedded
+    default (`smollm2-135m`, dequantised from the shipped GGUF). Weights are cast to `dtype` on `device`.
+
+    revision: a hub revision to load (ignored for local files, which are identified by their sha256).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}") from e
+    source, gguf_file, local = _resolve_source(name)
+    kwargs: dict[str, Any] = {}
+    if gguf_file is not None:
+        source = str(_converted_gguf(Path(source) / gguf_file))
+    elif local is None and revision is not None:
+        kwargs["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    model.to(dev).eval().requires_grad_(False)
+    if local is not None:
+        rev = resolve_revision(name)
+    else:
+        rev = getattr(model.config, "_commit_hash", None) or revision or "main"
+    layers = find_layers(model)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d_model = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
+    return LoadedLM(model=model, tokenizer=tokenizer, name=name, revision=rev, n_layers=len(layers),
+                    d_model=int(d_model), device=dev, dtype=torch_dtype, layers=layers)
+
+
+def valid_sites(n_layers: int) -> str:
+    return f"{{{', '.join(SITE_KINDS)}}}.L with L in 0..{n_layers - 1}"
+
+
+def check_site(site: str | Site, n_layers: int, model: str = "the model") -> Site:
+    """'resid_post.15' -> Site('resid_post', 15); errors list the valid sites for a model of n_layers."""
+    if isinstance(site, Site):
+        site = site.name
+    kind, _, layer = str(site).rpartition(".")
+    if kind not in SITE_KINDS or not layer.lstrip("-").isdigit():
+        raise ValueError(f"site {site!r} is not a known site; valid sites for {model} are {valid_sites(n_layers)}")
+    idx = int(layer)
+    if not 0 <= idx < n_layers:
+        raise ValueError(f"site {site!r}: layer {idx} is out of range for {model} ({n_layers} layers); "
+                         f"valid sites are {valid_sites(n_layers)}")
+    return Site(kind, idx)
+
+
+def parse_site(site: str | Site, lm: LoadedLM) -> Site:
+    """'resid_post.15' -> Site('resid_post', 15); errors list the valid sites for this model."""
+    return check_site(site, lm.n_layers, lm.name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    revision: str
+    n_layers: int
+    d_model: int
+    model_type: str
+
+
+def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -> ModelInfo:
+    """Layer count and width from the model's config alone (no weights): validates a site before any work."""
+    from transformers import AutoConfig
+
+    source, gguf_file, local = _resolve_source(name)
+    if gguf_file is not None:
+        source = str(_converted_gguf(Path(source) / gguf_file))
+    kwargs = {"revision": revision} if local is None and revision is not None else {}
+    cfg = AutoConfig.from_pretrained(source, **kwargs)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    d = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    if not n or not d:
+        raise ValueError(f"model {name!r}: its config names no layer count / width (num_hidden_layers, hidden_size)")
+    return ModelInfo(name=name, revision=resolve_revision(name, revision), n_layers=int(n), d_model=int(d),
+                     model_type=str(getattr(cfg, "model_type", "")))
+
+
+def _site_module(lm: LoadedLM, site: Site) -> tuple[torch.nn.Module, bool]:
+    """(module to hook, whether the site is its input rather than its output)."""
+    layer = lm.layers[site.layer]
+    post_norm = hasattr(layer, "post_feedforward_layernorm")  # Gemma-2/3, OLMo-2: block outputs are normed
+    if site.kind == "resid_post":
+        return layer, False
+    if site.kind == "resid_pre":
+        return layer, True
+    if site.kind == "attn_out":
+        if post_norm and hasattr(layer, "post_attention_layernorm"):
+            return layer.post_attention_layernorm, False
+        return _find_child(layer, _ATTN_NAMES, site.name), False
+    if post_norm:
+        return layer.post_feedforward_layernorm, False
+    return _find_child(layer, _MLP_NAMES, site.name), False
+
+
+@contextlib.contextmanager
+def hook_site(lm: LoadedLM, site: str | Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call fn(x) on the site's activation [B, T, d]; a returned tensor replaces it downstream."""
+    module, is_input = _site_module(lm, parse_site(site, lm))
+    if is_input:
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return ((new, *args[1:]), kwargs) if new is not None else None
+            new = fn(kwargs["hidden_states"])
+            return (args, {**kwargs, "hidden_states": new}) if new is not None else None
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(_mod, _args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            new = fn(x)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def harvest_activations(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site) -> torch.Tensor:
+    """Activations [B, T, d] (model dtype, model device) at the site; runs the model only up to that site."""
+    captured: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor) -> None:
+        captured.append(x)
+        raise _StopForward
+
+    with hook_site(lm, site, grab):
+        try:
+            lm.model.base_model(input_ids=input_ids.to(lm.device), use_cache=False)
+        except _StopForward:
+            pass
+    if not captured:
+        raise RuntimeError(f"site {site!r} was never reached in the forward pass of {lm.name}")
+    return captured[0]
+
+
+def _logits(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site | None, replace: Replacement) -> torch.Tensor:
+    if replace is None or site is None:
+        return lm.model(input_ids=input_ids, use_cache=False).logits.float()
+
+    def splice(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        if replace == "zero":
+            out[:, 1:] = 0
+        else:
+            flat = x[:, 1:].reshape(-1, x.shape[-1]).float()
+            out[:, 1:] = replace(flat).reshape(x.shape[0], x.shape[1] - 1, x.shape[2]).to(x.dtype)
+        return out
+
+    with hook_site(lm, site, splice):
+        return lm.model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def splice_metrics(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site, replace: Replacement, *,
+                   clean_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-token next-token CE [B, T-1] and KL(clean || spliced) [B, T-1] with the site replaced.
+
+    replace: None (clean run), "zero" (zero-ablation) or a callable mapping raw activations [N, d] float32
+    (every non-BOS position of the batch) to their reconstruction [N, d]. Position 0 (BOS) keeps its clean value.
+    """
+    if isinstance(replace, str) and replace != "zero":
+        raise ValueError(f"replace must be None, 'zero' or a callable, got {replace!r}")
+    input_ids = input_ids.to(lm.device)
+    if replace is not None:
+        parse_site(site, lm)
+    if replace is None and clean_logits is not None:
+        logits = clean_logits[:, : input_ids.shape[1] - 1].float()
+    else:
+        logits = _logits(lm, input_ids, site, replace)[:, :-1]
+    logp = F.log_softmax(logits, dim=-1)
+    targets = input_ids[:, 1:]
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if clean_logits is None:
+        clean_logits = logits if replace is None else _logits(lm, input_ids, None, None)[:, :-1]
+    else:
+        clean_logits = clean_logits[:, : logits.shape[1]].float()
+    clean_logp = F.log_softmax(clean_logits, dim=-1)
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).clamp_min(0.0)
+    return {"ce": ce, "kl": kl}
+
+
+@torch.no_grad()
+def ce_scores(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site,
+              reconstruct: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int = 8) -> dict[str, float]:
+    """SAEBench recaptured-LM-loss and KL scores of a reconstruction spliced in at the site.
+
+    ce_score = (CE_zero - CE_sae) / (CE_zero - CE_clean); kl_score = (KL_zero - KL_sae) / KL_zero, with means
+    over every predicted token of `input_ids` [N, T]. `reconstruct` maps raw activations [n, d] (float32) to x_hat.
+    """
+    parse_site(site, lm)
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [N, T] with T >= 2, got shape {tuple(input_ids.shape)}")
+    sums = dict.fromkeys(("ce_clean", "ce_zero", "ce_sae", "kl_zero", "kl_sae"), 0.0)
+    count = 0
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[i: i + batch_size].to(lm.device)
+        clean = _logits(lm, ids, None, None)
+        c = splice_metrics(lm, ids, site, None, clean_logits=clean)
+        z = splice_metrics(lm, ids, site, "zero", clean_logits=clean)
+        s = splice_metrics(lm, ids, site, reconstruct, clean_logits=clean)
+        sums["ce_clean"] += c["ce"].double().sum().item()
+        sums["ce_zero"] += z["ce"].double().sum().item()
+        sums["ce_sae"] += s["ce"].double().sum().item()
+        sums["kl_zero"] += z["kl"].double().sum().item()
+        sums["kl_sae"] += s["kl"].double().sum().item()
+        count += c["ce"].numel()
+    out = {k: v / count for k, v in sums.items()}
+    ce_gap = out["ce_zero"] - out["ce_clean"]
+    out["ce_score"] = (out["ce_zero"] - out["ce_sae"]) / ce_gap if ce_gap != 0 else float("nan")
+    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / out["kl_zero"] if out["kl_zero"] != 0 else float("nan")
+    return out

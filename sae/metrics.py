@@ -1,0 +1,167 @@
+"""Reconstruction and similarity metrics for an SAE, all computed in float64.
+
+Why float64: FVU is a ratio of two sums over up to ~1e8 squared values; float32 sums drift by more than the
+differences between SAEs being compared. The streaming accumulator merges per-batch means and centred second
+moments (Chan et al.), so it equals the one-shot value without the cancellation of sum(x^2) - N mean^2.
+
+Conventions: `mse` is the mean over all elements (tokens x dimensions); `l0` counts non-zeros per token, so
+it accepts either sparse `values` [B, k] (padding entries are 0) or a dense code [B, n].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _flat(x: Tensor, name: str) -> Tensor:
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be [tokens, d] (or [..., d]), got shape {list(x.shape)}")
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+def _check_pair(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {list(x.shape)} and {list(x_hat.shape)}")
+    return _flat(x, "x"), _flat(x_hat, "x_hat")
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (mean over tokens)."""
+    x64, xh64 = _check_pair(x, x_hat)
+    denom = (x64 - x64.mean(0)).pow(2).sum()
+    if denom <= 0:
+        raise ValueError("x has zero variance over tokens, so FVU is undefined; evaluate on more than one distinct token")
+    return float((x64 - xh64).pow(2).sum() / denom)
+
+
+def mse(x: Tensor, x_hat: Tensor) -> float:
+    """Mean squared error over all elements."""
+    x64, xh64 = _check_pair(x, x_hat)
+    return float((x64 - xh64).pow(2).mean())
+
+
+def l0(values: Tensor) -> float:
+    """Mean number of non-zero entries per token (sparse values [B, k] or dense codes [B, n])."""
+    v = values.reshape(-1, values.shape[-1]) if values.ndim >= 2 else values.reshape(1, -1)
+    return float((v != 0).sum(-1, dtype=torch.float64).mean())
+
+
+def dead_fraction(freq: Tensor) -> float:
+    """Fraction of latents that never fired over the evaluation window (firing frequency exactly 0)."""
+    if freq.numel() == 0:
+        raise ValueError("freq is empty; pass the per-latent firing frequencies from latent_stats")
+    return float((freq == 0).to(torch.float64).mean())
+
+
+class ReconstructionAccumulator:
+    """Streaming FVU / MSE / L0 over batches; `result()` equals the one-shot metrics on the concatenation."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self._d: int | None = None
+        self._mean: Tensor | None = None  # running per-dimension mean of x
+        self._m2 = 0.0  # running sum over dims of centred second moment of x
+        self._sq_err = 0.0
+        self._nonzero = 0.0
+        self._has_l0 = True  # False once any batch arrives without `values`
+
+    def update(self, x: Tensor, x_hat: Tensor, values: Tensor | None = None) -> None:
+        """Add one batch: raw x and x_hat [B, d]; `values` (sparse [B, k] or dense [B, n]) for L0."""
+        x64, xh64 = _check_pair(x, x_hat)
+        b, d = x64.shape
+        if b == 0:
+            return
+        if self._d is not None and d != self._d:
+            raise ValueError(f"x has d={d} but earlier batches had d={self._d}")
+        if values is not None and values.reshape(-1, values.shape[-1]).shape[0] != b:
+            raise ValueError(f"values must have one row per token ({b}), got shape {list(values.shape)}")
+        batch_mean = x64.mean(0)
+        batch_m2 = float((x64 - batch_mean).pow(2).sum())
+        if self._mean is None:
+            self._d, self._mean, self._m2 = d, batch_mean, batch_m2
+        else:
+            n_a, n = self.tokens, self.tokens + b
+            delta = batch_mean - self._mean
+            self._m2 += batch_m2 + float(delta.pow(2).sum()) * n_a * b / n
+            self._mean = self._mean + delta * (b / n)
+        self.tokens += b
+        self._sq_err += float((x64 - xh64).pow(2).sum())
+        if values is None:
+            self._has_l0 = False
+        else:
+            self._nonzero += float((values.reshape(b, -1) != 0).sum(dtype=torch.float64))
+
+    def result(self) -> dict[str, float]:
+        """dict(fvu, mse, l0, tokens); l0 is NaN if any batch was added without `values`."""
+        if self.tokens == 0 or self._d is None:
+            raise ValueError("ReconstructionAccumulator is empty: call update() with at least one batch first")
+        if self._m2 <= 0:
+            raise ValueError("x has zero variance over tokens, so FVU is undefined")
+        return {
+            "fvu": self._sq_err / self._m2,
+            "mse": self._sq_err / (self.tokens * self._d),
+            "l0": self._nonzero / self.tokens if self._has_l0 else float("nan"),
+            "tokens": float(self.tokens),
+        }
+
+
+def _average_ranks(v: Tensor) -> Tensor:
+    """Ranks 1..N with ties sharing their average rank (as Spearman's rho requires)."""
+    sorted_v, order = torch.sort(v, stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    avg = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(v, dtype=torch.float64)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = a.norm() * b.norm()
+    return float((a @ b) / denom) if denom > 0 else 0.0
+
+
+def _pairwise(x: Tensor, metric: str) -> Tensor:
+    if metric == "euclidean":
+        return torch.cdist(x, x)
+    if metric == "cosine":
+        u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return 1.0 - u @ u.T
+    raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+
+
+def rsa(x: Tensor, x_hat: Tensor, *, n_tokens: int = 512, seed: int = 0, metric: str = "euclidean") -> float:
+    """Representational similarity: Spearman correlation of the pairwise-distance matrices of x and x_hat.
+
+    Uses the upper triangle over a seeded sample of `n_tokens` tokens (all of them if fewer). A constant
+    distance matrix (e.g. a reconstruction that ignores its input) carries no structure and scores 0.
+    """
+    x64, xh64 = _check_pair(x, x_hat)
+    if n_tokens < 3:
+        raise ValueError(f"n_tokens must be >= 3 to correlate pairwise distances, got {n_tokens}")
+    n = x64.shape[0]
+    if n < 3:
+        raise ValueError(f"rsa needs at least 3 tokens, got {n}")
+    if n > n_tokens:
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(n, generator=gen)[:n_tokens]
+        x64, xh64 = x64[rows], xh64[rows]
+    iu = torch.triu_indices(x64.shape[0], x64.shape[0], offset=1)
+    da = _pairwise(x64, metric)[iu[0], iu[1]]
+    db = _pairwise(xh64, metric)[iu[0], iu[1]]
+    return _pearson(_average_ranks(da), _average_ranks(db))
+
+
+def linear_cka(x: Tensor, x_hat: Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features.
+
+    Computed with d x d Gram matrices, so it is linear in the number of tokens. Invariant to orthogonal
+    transforms and isotropic scaling of either side; 0 if either side is constant.
+    """
+    x64, xh64 = _check_pair(x, x_hat)
+    a, b = x64 - x64.mean(0), xh64 - xh64.mean(0)
+    cross = (b.T @ a).pow(2).sum()
+    denom = (a.T @ a).norm() * (b.T @ b).norm()
+    return float(cross / denom) if denom > 0 else 0.0

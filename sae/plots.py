@@ -1,0 +1,90 @@
+"""Figures for importance spectra and pruning curves; each helper returns a matplotlib Figure to save.
+
+Figures are built with the object-oriented API (`matplotlib.figure.Figure`, Agg canvas), never pyplot, so
+they work headless, in Ray workers and in threads, and leave a notebook's backend alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from sae.importance import PowerLawFit, fit_power_law
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_importance(
+    importance: Tensor,
+    fit: PowerLawFit | None = None,
+    *,
+    label: str = "E[z^2]",
+    title: str | None = None,
+) -> Figure:
+    """Importance vs rank on log-log axes, with the power-law and exponential fits over the fitted range."""
+    imp = torch.sort(importance.detach().reshape(-1).to(torch.float64).cpu(), descending=True).values
+    live = imp[imp > 0]
+    if live.numel() == 0:
+        raise ValueError("importance has no positive entries to plot (every latent is dead)")
+    if fit is None:
+        fit = fit_power_law(live)
+    fig = _figure((5.5, 4.0))
+    ax = fig.add_subplot()
+    rank = torch.arange(1, live.numel() + 1, dtype=torch.float64)
+    ax.loglog(rank.numpy(), live.numpy(), ".", ms=3, color="0.3", label=f"{label} ({live.numel()} live latents)")
+    r = torch.arange(fit.min_rank, fit.max_rank + 1, dtype=torch.float64)
+    ax.loglog(
+        r.numpy(),
+        fit.predict(r, "power_law").numpy(),
+        "-",
+        color="C0",
+        label=f"power law: exponent {fit.exponent:.3g}, R² {fit.r2:.3f}",
+    )
+    ax.loglog(
+        r.numpy(),
+        fit.predict(r, "exponential").numpy(),
+        "--",
+        color="C3",
+        label=f"exponential: rate {fit.exp_rate:.3g}, R² {fit.exp_r2:.3f}",
+    )
+    ax.set_xlabel("rank")
+    ax.set_ylabel(label)
+    ax.set_title(title or f"importance vs rank (preferred: {fit.preferred})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_pruning_curves(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    *,
+    metric: str = "fvu",
+    title: str | None = None,
+    log_y: bool = False,
+) -> Figure:
+    """`metric` vs latents kept G (log x), one line per labelled curve (e.g. "ez2", "random", "matryoshka")."""
+    if not curves:
+        raise ValueError("curves is empty; pass {label: pruning_curve(...)}")
+    fig = _figure((5.5, 4.0))
+    ax = fig.add_subplot()
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["G"])
+        missing = [r["G"] for r in rows if metric not in r]
+        if missing:
+            raise ValueError(f"curve {label!r} has no {metric!r} at G={missing}")
+        ax.plot([r["G"] for r in rows], [r[metric] for r in rows], "o-", ms=3, label=label)
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("latents kept G")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs G")
+    ax.legend(fontsize="small")
+    return fig

@@ -1,0 +1,83 @@
+"""SAE Frontier: the entry point of a sweep.
+
+    python sweeps/frontier.py [--spec sweeps/specs/default.yaml]            # one machine (starts a local Ray)
+    ray job submit --working-dir . -- python sweeps/frontier.py --spec ...  # any Ray cluster
+    python sweeps/frontier.py --search optuna --trials 8                    # an Optuna study instead of the grid
+    python sweeps/frontier.py --resume                                      # continue the last interrupted sweep
+    python sweeps/frontier.py --compare EXP [EXP ...]                       # frontiers of earlier sweeps, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# the working directory Ray uploads is the repo root: import the project from it, not from wherever it was installed
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.spec import SPEC_DIR, SpecError, load_spec, preflight  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sweep SAEs (pruned vanilla vs Matryoshka) and track the frontier.")
+    p.add_argument("--spec", default=str(SPEC_DIR / "default.yaml"), help="spec YAML (or a name in sweeps/specs)")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid")
+    p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: the spec's optuna.trials)")
+    p.add_argument("--resume", action="store_true", help="continue the last sweep of this spec (Tuner.restore)")
+    p.add_argument("--compare", nargs="+", metavar="EXPERIMENT", help="draw the frontiers of these MLflow experiments")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, sqlite)")
+    p.add_argument("--storage", default=None, help="shard store path or URI every node can reach (overrides the spec)")
+    p.add_argument("--out", default=".cache/compare", help="where --compare writes its CSV and plots")
+    args = p.parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        p.error(f"--trials must be >= 1, got {args.trials}")
+    return args
+
+
+def spec_text(path: str, spec) -> str:
+    p = Path(path)
+    return p.read_text() if p.exists() else (SPEC_DIR / f"{path}.yaml").read_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "storage": args.storage}.items() if v}
+    if args.compare:
+        from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri
+        from orchestrator.sweep import compare, frontier_table
+
+        uri = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+        frontier, out = compare(args.compare, uri, args.out)
+        print(frontier_table(frontier))
+        print(f"\nfrontier plots and table: {out}")
+        return 0
+    try:
+        spec = load_spec(args.spec, overrides)
+        preflight(spec)
+    except (SpecError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from orchestrator.sweep import SweepInterrupted, frontier_table, run_sweep
+
+    try:
+        outcome = run_sweep(spec, spec_text=spec_text(args.spec, spec), search=args.search, trials=args.trials,
+                            resume=args.resume)
+    except SweepInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    print(f"\n=== frontier of {outcome.experiment} (size vs FVU, Pareto per G) ===")
+    print(frontier_table(outcome.frontier))
+    if outcome.pareto_trials is not None:
+        print("\n=== Optuna Pareto trials (objective_fvu at G, objective_size) ===")
+        for t in outcome.pareto_trials:
+            print(t)
+    print(f"\nharvest {outcome.harvest_seconds:.1f}s, trials {outcome.trials_seconds:.1f}s; parent run {outcome.parent_run_id}")
+    print(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {spec.resolved_tracking_uri()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""End to end as a user meets it: `ray job submit` of the smoke sweep to a local head, then the MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import load_spec
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """Start a head with token auth, submit the smoke sweep with --working-dir ., wait, stop the head."""
+    home = tmp_path_factory.mktemp("job_home")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    start = subprocess.run(
+        [BIN / "ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    uri = f"sqlite:///{home}/mlflow.db"
+    try:
+        submit = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+             "--runtime-env", "sweeps/runtime_env.yaml", "--",
+             "env", f"SAE_FRONTIER_HOME={home}", f"MLFLOW_TRACKING_URI={uri}",
+             "python", "sweeps/frontier.py", "--spec", "sweeps/specs/smoke.yaml"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        yield home, uri, submit
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_sweep_and_writes_mlflow(submitted):
+    home, uri, submit = submitted
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "SUCCEEDED" in submit.stdout + submit.stderr
+    assert "frontier of sae-frontier-smoke" in submit.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sae-frontier-smoke")
+    trials = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'trial'")
+    assert len(trials) == len(load_spec("smoke").trial_points())
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert any((home / ".cache" / "shards").iterdir())  # shards went to the checkout's home, not the upload
+
+
+def test_mlflow_server_serves_the_runs_over_rest(submitted):
+    _home, uri, _ = submitted
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
+            time.sleep(1)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sae-frontier-smoke") as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [exp_id], "filter": "tags.`sae_frontier.kind` = 'trial'"}).encode())
+        with urllib.request.urlopen(req) as r:
+            runs = json.load(r)["runs"]
+        assert len(runs) == len(load_spec("smoke").trial_points())
+        metric_keys = {m["key"] for m in runs[0]["data"]["metrics"]}
+        assert "fvu/prune_ez2" in metric_keys and "power_law/exponent" in metric_keys
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

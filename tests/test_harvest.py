@@ -1,0 +1,132 @@
+"""orchestrator/harvest.py end to end: Ray Data harvest of the embedded model and corpus into a shard store,
+reuse without LM work, resume after an interruption, and the input errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import pytest
+import ray
+import torch
+
+from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.shards import (
+    ShardError,
+    iter_batches,
+    iter_records,
+    read_dataset,
+    read_manifest,
+    verify_store,
+)
+from sae.corpus import load_corpus, tokenize_contexts
+from sae.lm import harvest_activations, load_lm
+
+TOKENS, T = 600, 32  # 20 contexts of 31 stored tokens (the last trimmed), 4 contexts per shard -> 5 shards
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(storage, **kw) -> HarvestConfig:
+    base = dict(site="resid_post.6", tokens=TOKENS, context_length=T, shard_rows=4 * (T - 1), batch_size=4,
+                storage=str(storage), num_cpus_per_actor=1, torch_threads=2)
+    return HarvestConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def store(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return config(root), harvest(config(root), progress=False)
+
+
+def mtimes(path) -> dict[str, int]:
+    return {f: os.stat(os.path.join(path, f)).st_mtime_ns for f in sorted(os.listdir(path))}
+
+
+@pytest.mark.slow
+def test_harvest_writes_exact_tokens_and_true_activations(store):
+    cfg, path = store
+    m = read_manifest(path)
+    assert m.tokens == TOKENS == sum(s["rows"] for s in m.shards)
+    assert len(m.shards) == 5 and [s["rows"] for s in m.shards] == [124, 124, 124, 124, 104]
+    assert (m.d, m.dtype, m.site, m.model) == (576, "float32", "resid_post.6", "smollm2-135m")
+    assert m.revision.startswith("sha256:") and m.key == cfg.key() and path.endswith(cfg.key())
+    verify_store(path)
+    acts = torch.cat(list(iter_batches(path, 256, shuffle=False)))
+    assert acts.shape == (TOKENS, 576)
+    assert m.mean_norm == pytest.approx(acts.norm(dim=1).mean().item(), rel=1e-5)
+    # the stored rows are the activations of the same contexts, BOS dropped, in context order
+    lm = load_lm("smollm2-135m")
+    ctx = tokenize_contexts(load_corpus("wiki-extracts"), lm.tokenizer, context_length=T, max_tokens=TOKENS,
+                            split="train")
+    rec = next(iter_records(path, TOKENS))
+    assert torch.equal(rec["token_id"], ctx.input_ids[:, 1:].reshape(-1)[:TOKENS])
+    assert rec["position"][:T].tolist() == list(range(1, T)) + [1] and rec["context_id"][-1] == 19
+    assert rec["label"][0] == ctx.doc_labels[int(ctx.token_doc_ids[0, 1])]
+    want = harvest_activations(lm, ctx.input_ids[18:20], "resid_post.6")[:, 1:].reshape(-1, 576)
+    torch.testing.assert_close(acts[18 * (T - 1):], want[: TOKENS - 18 * (T - 1)], rtol=1e-4, atol=1e-4)
+    rows = read_dataset(path).take_batch(TOKENS + 1, batch_format="numpy")  # one Ray Data execution
+    assert rows["act"].shape == (TOKENS, 576) and rows["label"][0] == rec["label"][0]
+
+
+def test_second_harvest_does_no_lm_work(store, caplog):
+    cfg, path = store
+    before = mtimes(path)
+    with caplog.at_level(logging.INFO, logger="orchestrator.harvest"):
+        t0 = time.perf_counter()
+        again = harvest(cfg, progress=False)
+        elapsed = time.perf_counter() - t0
+    assert again == path
+    assert mtimes(path) == before  # nothing rewritten
+    assert elapsed < 1.0  # loading the LM alone takes seconds
+    assert "reusing complete store" in caplog.text
+
+
+@pytest.mark.slow
+def test_interrupted_and_corrupted_harvest_resumes_to_the_same_shards(store, tmp_path):
+    cfg, path = store
+    want = read_manifest(path).shards
+    work = tmp_path / cfg.key()
+    shutil.copytree(path, work)
+    # interruption: no manifest, the last shard never written, shard 3 written but not its sidecar, a temp file
+    for name in ("manifest.json", "shard-00004.parquet", "shard-00004.json", "shard-00003.json"):
+        (work / name).unlink()
+    (work / ".tmp-shard-00004.parquet-abc").write_bytes(b"partial")
+    # and a shard corrupted on disk: the reader names it and says how to fix it
+    data = bytearray((work / "shard-00002.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (work / "shard-00002.parquet").write_bytes(bytes(data))
+    shutil.copy(os.path.join(path, "manifest.json"), work / "manifest.json")
+    with pytest.raises(ShardError, match=r"shard-00002\.parquet is corrupt.*delete .*rerun the harvest"):
+        verify_store(str(work))
+    (work / "manifest.json").unlink()
+    kept = {f: t for f, t in mtimes(work).items() if f.startswith(("shard-00000", "shard-00001"))}
+    resumed = harvest(config(tmp_path), progress=False)
+    assert resumed == str(work)
+    assert read_manifest(resumed).shards == want  # same shards, same checksums as the uninterrupted harvest
+    assert {f: t for f, t in mtimes(work).items() if f in kept} == kept  # complete shards were not recomputed
+    assert not any(f.startswith(".tmp-") for f in os.listdir(work))
+    verify_store(resumed)
+
+
+def test_bad_inputs(ray_local, tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        config(tmp_path, dtype="float64")
+    with pytest.raises(ValueError, match="site must be one of"):
+        config(tmp_path, site="resid_mid.3")
+    with pytest.raises(ValueError, match="tokens must be a positive"):
+        config(tmp_path, tokens=0)
+    with pytest.raises(ValueError, match=r"layer 30 is out of range.*30 layers"):
+        harvest(config(tmp_path, site="resid_post.30"), progress=False)
+    with pytest.raises(ValueError, match=r"text_column.*'body'.*columns are \['text', 'title'"):
+        harvest(config(tmp_path, text_column="body"), progress=False)
+    with pytest.raises(ValueError, match="fewer than"):
+        harvest(config(tmp_path, tokens=10**8), progress=False)
+    assert not any(p.name.endswith(".parquet") for p in tmp_path.rglob("*"))

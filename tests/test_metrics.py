@@ -1,0 +1,68 @@
+"""FVU/MSE/L0 definitions, the streaming accumulator, RSA and linear CKA invariances."""
+
+import math
+
+import pytest
+import torch
+
+from sae.metrics import ReconstructionAccumulator, dead_fraction, fvu, l0, linear_cka, mse, rsa
+
+
+def _data(n=300, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3.0, d) + 2.0
+    return x, x + 0.3 * torch.randn(n, d, generator=g)
+
+
+def test_fvu_endpoints_and_mse():
+    x, x_hat = _data()
+    assert fvu(x, x) == 0.0
+    assert fvu(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(1.0, abs=1e-12)
+    assert fvu(x, torch.zeros_like(x)) > 1.0  # ignoring the mean is worse than predicting it
+    assert mse(x, x_hat) == pytest.approx(float(((x - x_hat).double() ** 2).mean()), rel=1e-12)
+    with pytest.raises(ValueError, match="zero variance"):
+        fvu(torch.ones(4, 3), torch.zeros(4, 3))
+
+
+def test_l0_and_dead_fraction():
+    values = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])  # padding zeros are not firing
+    assert l0(values) == 1.5
+    assert dead_fraction(torch.tensor([0.0, 0.1, 0.0, 0.5])) == 0.5
+
+
+def test_accumulator_equals_one_shot():
+    x, x_hat = _data(n=257)
+    values = (torch.rand(257, 8, generator=torch.Generator().manual_seed(1)) > 0.4).float()
+    acc = ReconstructionAccumulator()
+    for s in range(0, 257, 50):  # uneven last batch
+        acc.update(x[s : s + 50], x_hat[s : s + 50], values[s : s + 50])
+    r = acc.result()
+    assert r["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-10)
+    assert r["mse"] == pytest.approx(mse(x, x_hat), rel=1e-10)
+    assert r["l0"] == pytest.approx(l0(values), rel=1e-12)
+    assert r["tokens"] == 257
+    acc2 = ReconstructionAccumulator()
+    acc2.update(x, x_hat)
+    assert math.isnan(acc2.result()["l0"])
+    with pytest.raises(ValueError, match="empty"):
+        ReconstructionAccumulator().result()
+
+
+def test_rsa_identity_and_permutation():
+    x, x_hat = _data(n=400)
+    assert rsa(x, x, n_tokens=200) == pytest.approx(1.0, abs=1e-12)
+    assert rsa(x, x_hat, n_tokens=200) > 0.8
+    shuffled = x[torch.randperm(400, generator=torch.Generator().manual_seed(3))]
+    assert abs(rsa(x, shuffled, n_tokens=200)) < 0.1
+    assert rsa(x, x_hat, n_tokens=200, seed=1) == rsa(x, x_hat, n_tokens=200, seed=1)  # seeded sample
+    assert rsa(x, x * 3.0, metric="cosine") == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_invariances():
+    x, x_hat = _data(n=500)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    base = linear_cka(x, x_hat)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, (x_hat.double() @ q) * 7.5) == pytest.approx(base, abs=1e-10)
+    noise = torch.randn(500, 16, generator=torch.Generator().manual_seed(5))
+    assert linear_cka(x, noise) < 0.2 < base

@@ -1,0 +1,126 @@
+"""orchestrator/shards.py: the store format, its integrity checks and the streaming readers (no LM needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import orchestrator.shards as shards
+from orchestrator.shards import (
+    Manifest,
+    ShardError,
+    iter_batches,
+    iter_records,
+    load_shard,
+    read_manifest,
+    verify_store,
+    write_manifest,
+    write_shard,
+)
+
+D, ROWS, N_SHARDS = 8, 50, 6
+LABELS = ["arts", "science"]
+
+
+def make_store(path, dtype="float32", n_shards=N_SHARDS) -> tuple[str, torch.Tensor]:
+    """A store of N_SHARDS x ROWS rows whose token_id is the global row number (to track every row)."""
+    gen = torch.Generator().manual_seed(0)
+    act = torch.randn(n_shards * ROWS, D, generator=gen)
+    infos = []
+    for i in range(n_shards):
+        rows = np.arange(i * ROWS, (i + 1) * ROWS)
+        cols = {"token_id": rows.astype(np.int32), "context_id": (rows // 10).astype(np.int32),
+                "position": (rows % 10 + 1).astype(np.int32), "doc_id": (rows // 25).astype(np.int64)}
+        infos.append(write_shard(str(path), i, act[rows], dtype, cols, LABELS, (rows // 25 % 2).astype(np.int32),
+                                 first_context=i * 5, n_contexts=5))
+    m = Manifest(key="k", model="m", revision="r", site="resid_post.0", corpus="c", split="train",
+                 tokens=n_shards * ROWS, d=D, dtype=dtype, mean_norm=sum(s["norm_sum"] for s in infos) / (n_shards * ROWS),
+                 context_length=11, n_contexts=n_shards * 5, contexts_per_shard=5, labels=LABELS,
+                 shards=[{k: s[k] for k in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")}
+                         for s in infos])
+    write_manifest(str(path), m)
+    return str(path), act
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_roundtrip_per_dtype(tmp_path, dtype):
+    store, act = make_store(tmp_path, dtype, n_shards=2)
+    m = read_manifest(store)
+    assert m.dtype == dtype and m.tokens == 2 * ROWS and m.d == D
+    got = load_shard(store, m, 1)
+    assert got["act"].dtype == getattr(torch, dtype)
+    assert torch.equal(got["act"], act[ROWS:].to(getattr(torch, dtype)))
+    assert got["token_id"].tolist() == list(range(ROWS, 2 * ROWS))
+    assert got["label"].tolist() == [(r // 25) % 2 for r in range(ROWS, 2 * ROWS)]
+    verify_store(store)
+
+
+def test_iter_batches_covers_every_row_once_per_epoch(tmp_path):
+    store, act = make_store(tmp_path)
+    batches = list(iter_batches(store, 64, columns=("act", "token_id"), seed=3, epochs=2, buffer_shards=2))
+    ids = torch.cat([b["token_id"] for b in batches])
+    n = N_SHARDS * ROWS
+    assert sorted(ids[:n].tolist()) == list(range(n)) and sorted(ids[n:].tolist()) == list(range(n))
+    assert ids[:n].tolist() != list(range(n)) and ids[:n].tolist() != ids[n:].tolist()  # shuffled, per epoch
+    assert [len(b["act"]) for b in batches] == ([64] * 4 + [44]) * 2  # each epoch ends with its remainder
+    assert torch.equal(torch.cat([b["act"] for b in batches])[:n], act[ids[:n]])
+    again = list(iter_batches(store, 64, columns=("token_id",), seed=3, epochs=2, buffer_shards=2))
+    assert torch.equal(torch.cat(again), ids)  # deterministic for a seed
+    plain = list(iter_batches(store, 64, shuffle=False, drop_last=True, dtype=torch.float16))
+    assert len(plain) == n // 64 and plain[0].dtype == torch.float16 and plain[0].shape == (64, D)
+    assert torch.equal(plain[0], act[:64].half())
+
+
+def test_memory_stays_within_the_shard_buffer(tmp_path, monkeypatch):
+    store, _ = make_store(tmp_path)
+    loads = []
+    real = shards.load_shard
+    monkeypatch.setattr(shards, "load_shard", lambda *a, **k: loads.append(a[2]) or real(*a, **k))
+    it = iter_batches(store, 16, buffer_shards=2)
+    next(it)
+    assert len(loads) == 2  # only the first buffer of shards is read to start streaming
+    rest = list(it)
+    assert len(loads) == N_SHARDS and 1 + len(rest) == -(-N_SHARDS * ROWS // 16)
+
+
+def test_iter_records(tmp_path):
+    store, act = make_store(tmp_path, n_shards=2)
+    recs = list(iter_records(store, 30))
+    assert [len(r["label"]) for r in recs] == [30, 30, 30, 10]
+    first = recs[0]
+    assert torch.equal(first["act"], act[:30]) and first["position"][:3].tolist() == [1, 2, 3]
+    assert first["label"][0] == "arts" and first["label"][29] == "science" and first["label_id"][29] == 1
+
+
+def test_corrupt_shard_is_named_with_the_fix(tmp_path):
+    store, _ = make_store(tmp_path, n_shards=3)
+    shard = tmp_path / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-00001\.parquet is corrupt: sha256.*delete .*shard-00001.*rerun"):
+        list(iter_batches(store, 16, shuffle=False))
+    with pytest.raises(ShardError, match=r"shard-00001\.parquet"):
+        verify_store(store)
+    m = read_manifest(store)
+    m.d = D + 1
+    write_manifest(store, m)  # a store whose vectors have the wrong width
+    with pytest.raises(ShardError, match=r"shard-00000\.parquet holds vectors of width 8, the manifest says d=9"):
+        list(iter_batches(store, 16, shuffle=False, verify=False))
+    (tmp_path / "shard-00002.parquet").unlink()
+    with pytest.raises(ShardError, match=r"shard-00002\.parquet is missing"):
+        load_shard(store, m, 2)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="no manifest.json.*run harvest"):
+        read_manifest(store)
+
+
+def test_bad_arguments(tmp_path):
+    store, act = make_store(tmp_path, n_shards=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter_batches(store, 0))
+    with pytest.raises(ValueError, match="columns must be"):
+        next(iter_batches(store, 4, columns=("activations",)))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        write_shard(store, 5, act[:2], "float64", {}, LABELS, np.zeros(2, np.int32), 0, 1)

@@ -1,0 +1,104 @@
+"""Sweep specs: the shipped ones validate, and every invalid one fails before Ray starts, naming its field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.spec import SPEC_DIR, SpecError, load_spec, preflight, spec_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base(**over) -> dict:
+    raw = yaml.safe_load((SPEC_DIR / "smoke.yaml").read_text())
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+def test_shipped_specs_validate(name):
+    spec = load_spec(name)
+    points = spec.trial_points()
+    assert len(points) == len({p["trial_key"] for p in points})
+    gs = spec.granularities()
+    assert gs == sorted(gs) and max(spec.grid.n_latents) in gs
+    for p in points:  # every Matryoshka boundary is an evaluated G, so prefix curves line up with pruned ones
+        assert set(p["boundaries"] or []) <= set(gs)
+
+
+def test_paper_spec_is_the_papers_grid():
+    spec = load_spec("paper")
+    assert spec.grid.n_latents == [2**14, 2**15, 2**16] and spec.grid.k == [64, 128, 256, 512]
+    assert {p["partition"] for p in spec.trial_points()} == {"none", "doubling:3"}
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"grid": {"n_latents": [128], "k": [128]}}, "k=128"),
+        ({"grid": {"k": [0]}}, "k must satisfy"),
+        ({"grid": {"n_latents": [128, 256], "partition": [[32, 64, 128]]}}, "n_latents=256"),
+        ({"grid": {"partition": ["zigzag:3"]}}, "partition"),
+        ({"grid": {"architecture": ["jumprelu"]}}, "grid.architecture"),
+        ({"site": "resid_middle.3"}, "site"),
+        ({"train_tokens": 0}, "train_tokens"),
+        ({"eval": {"granularities": [1, 64]}}, "eval.granularities"),
+        ({"optuna": {"objective_granularity": 100}}, "optuna.objective_granularity"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_invalid_spec_names_the_field(override, needle):
+    with pytest.raises(SpecError, match=needle.replace("[", r"\[")):
+        spec_from_dict(base(**override))
+
+
+def test_partition_for_other_n_names_coordinates():
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(base(grid={"n_latents": [128, 256], "partition": [[32, 64, 128]]}))
+    assert "n_latents=256" in str(err.value) and "partition=32,64,128" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"model": "./no/such/model"}, "model"),
+        ({"site": "resid_post.99"}, "layer 99 is out of range"),
+        ({"text_column": "body"}, "corpus"),
+    ],
+)
+def test_preflight_checks_model_and_corpus(override, needle):
+    with pytest.raises(SpecError, match=needle):
+        preflight(spec_from_dict(base(**override)))
+
+
+def test_empty_corpus_is_rejected(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SpecError, match="corpus"):
+        preflight(spec_from_dict(base(corpus=str(empty), label_column=None)))
+
+
+@pytest.mark.slow
+def test_cli_rejects_bad_spec_before_ray_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(base(grid={"n_latents": [64], "k": [64]}, storage=str(tmp_path / "shards"),
+                                       results_path=str(tmp_path / "results"))))
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "frontier.py"), "--spec", str(bad), "--tracking-uri", f"sqlite:///{db}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "k must satisfy" in proc.stderr and "n_latents=64" in proc.stderr
+    assert "ray" not in proc.stdout.lower()  # Ray never started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written

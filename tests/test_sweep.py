@@ -1,0 +1,161 @@
+"""The smoke sweep end to end in-process: real harvest, Ray Tune trials, MLflow on SQLite, frontier, Optuna."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from test_frontier import brute_force_pareto
+
+from orchestrator.frontier import CRITERIA, progressive_points
+from orchestrator.search import optuna_storage_url, study_name
+from orchestrator.spec import SPEC_DIR, load_spec
+from orchestrator.sweep import run_sweep
+from orchestrator.tracking import PARENT_TAG, Tracker
+from sae.checkpoint import load_sae
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep_home")
+    yield path
+    ray.shutdown()
+
+
+def smoke(home: Path, **over):
+    return load_spec("smoke", {"storage": str(home / "shards"), "results_path": str(home / "results"),
+                               "tracking_uri": f"sqlite:///{home}/mlflow.db", **over})
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(home):
+    spec = smoke(home)
+    outcome = run_sweep(spec, spec_text=(SPEC_DIR / "smoke.yaml").read_text())
+    return spec, outcome
+
+
+def children(client: MlflowClient, spec, parent_id: str):
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def test_every_grid_point_is_a_child_run_with_curves_and_artifacts(grid_sweep, tmp_path):
+    spec, outcome = grid_sweep
+    client = MlflowClient(spec.resolved_tracking_uri())
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sae_frontier.spec_hash"] == spec.spec_hash()
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id, "frontier")}
+    assert {"frontier/frontier.csv", "frontier/frontier.png", "frontier/curve_points.csv"} <= parent_files
+    assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    runs = children(client, spec, outcome.parent_run_id)
+    expected = {(p["n_latents"], p["k"], p["architecture"], p["partition"], p["seed"]) for p in spec.trial_points()}
+    got = {(int(r.data.params["n_latents"]), int(r.data.params["k"]), r.data.params["architecture"],
+            r.data.params["partition"], int(r.data.params["seed"])) for r in runs}
+    assert len(runs) == len(expected) and got == expected
+    gs = spec.granularities()
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        n = int(run.data.params["n_latents"])
+        methods = ["prefix", "prune_ez2"] if run.data.params["partition"] != "none" else ["prune_ez2", "prune_freq", "prune_random"]
+        for method in methods:
+            for metric in ("fvu", "l0", "ce_score", "kl_score", "rsa", "cka", "token_conc"):
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, f"{metric}/{method}")]
+                assert sorted(steps) == [g for g in gs if g <= n], (metric, method)
+        train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/fvu")]
+        assert train_steps == sorted(train_steps) and train_steps[-1] > 0  # step = tokens seen
+        assert "power_law/exponent" in run.data.metrics
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "sae")}
+        assert {"sae/sae.safetensors", "sae/cfg.json"} <= files
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/power_law.png", "plots/pruning_fvu.png"} <= plots
+        local = client.download_artifacts(run.info.run_id, "sae", str(tmp_path / run.info.run_id))
+        sae = load_sae(local)
+        assert sae.cfg.n_latents == n and sae.cfg.k == int(run.data.params["k"])
+
+
+def test_frontier_is_the_pareto_set_of_the_logged_metrics(grid_sweep):
+    spec, outcome = grid_sweep
+    points = Tracker(spec.resolved_tracking_uri(), spec.experiment_name).curve_points(
+        [spec.experiment_name], parent_id=outcome.parent_run_id)
+    prog = progressive_points(points)
+    assert not prog.empty and set(prog["G"]) == set(spec.granularities())
+    front = outcome.frontier
+    for criterion, (cost, quality, maximise) in CRITERIA.items():
+        for g, at_g in prog.groupby("G"):
+            mask = brute_force_pareto(at_g[cost].to_numpy(), at_g[quality].to_numpy(), maximise)
+            got = front[(front["criterion"] == criterion) & (front["G"] == g)]
+            assert sorted(got["run_id"]) == sorted(at_g[mask]["run_id"]), (criterion, g)
+            assert np.isfinite(got[quality]).all()
+
+
+def test_optuna_study_is_persisted_and_matches_mlflow_frontier(home):
+    spec = smoke(home, experiment="sae-frontier-smoke-optuna")
+    outcome = run_sweep(spec, spec_text="optuna", search="optuna", trials=3)
+    study = optuna.load_study(study_name=study_name(spec), storage=optuna_storage_url(spec))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    client = MlflowClient(spec.resolved_tracking_uri())
+    runs = children(client, spec, outcome.parent_run_id)
+    assert len(runs) == 3
+    # the study's Pareto trials are the runs MLflow shows as Pareto-optimal in (size, FVU at the objective G)
+    g0 = spec.objective_granularity()
+    prog = progressive_points(outcome.points)
+    at_g0 = prog[prog["G"] == g0]
+    mlflow_front = at_g0[brute_force_pareto(at_g0["n_latents"].to_numpy(), at_g0["fvu"].to_numpy(), False)]
+    optuna_front = {(t["objective_size"], round(t["objective_fvu"], 6)) for t in outcome.pareto_trials}
+    assert optuna_front == {(float(r.n_latents), round(r.fvu, 6)) for r in mlflow_front.itertuples()}
+
+
+def _finished_children(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'trial' and attributes.status = 'FINISHED'")
+
+
+def test_interrupted_sweep_resumes_without_duplicate_runs(home):
+    """SIGINT a running sweep after its first trial finishes, then --resume: no run is duplicated or redone."""
+    uri = f"sqlite:///{home}/resume.db"
+    args = [sys.executable, str(ROOT / "sweeps" / "frontier.py"), "--spec", "smoke", "--tracking-uri", uri,
+            "--storage", str(home / "shards")]
+    env = {**os.environ, "SAE_FRONTIER_HOME": str(home / "resume_home")}
+    spec = load_spec("smoke")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not _finished_children(uri, spec.experiment_name) and proc.poll() is None:
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    before = {r.info.run_id: r.info.end_time for r in _finished_children(uri, spec.experiment_name)}
+    assert before, out[-3000:]
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before the interrupt landed; nothing to resume")
+    assert proc.returncode == 130, out[-3000:]
+
+    done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    parents = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'sweep'")
+    trials = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'trial'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == len(spec.trial_points())
+    assert len({r.data.tags["sae_frontier.point_key"] for r in trials}) == len(trials)
+    assert all(r.info.status == "FINISHED" for r in trials)
+    after = {r.info.run_id: r.info.end_time for r in trials}
+    assert all(after[rid] == end for rid, end in before.items())  # finished trials were not rerun

@@ -1,0 +1,220 @@
+"""Trainer: feature recovery on planted data, BatchTopK L0, errors, exact resume, multi-SAE streams, AuxK."""
+
+import copy
+import io
+
+import pytest
+import torch
+from synthetic import batches, best_cosines, make_planted, single_thread
+
+from sae.config import SAEConfig, TrainConfig
+from sae.model import geometric_median
+from sae.train import Trainer, train_sae
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted(n_features=64, mean_active=3.0)
+
+
+def _fvu(sae, x):
+    sae.eval()
+    with torch.no_grad():
+        return ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+TC = TrainConfig(lr=1e-2, warmup_steps=10, dead_tokens=4096)
+
+
+def test_topk_recovers_planted_features_and_fvu_falls(planted):
+    log = []
+    sae = train_sae(SAEConfig(d_in=32, n_latents=128, k=4), TC.model_copy(update={"total_tokens": 16384 * 6}),
+                    batches(planted.x, 256, epochs=6), callback=lambda t, m: log.append((t, m[0])), log_every=16)
+    cos = best_cosines(planted.features, sae.W_dec.detach())
+    assert cos.mean() >= 0.9, cos
+    assert log[-1][1]["fvu"] < 0.5 * log[0][1]["fvu"]
+    assert [t for t, _ in log] == sorted({t for t, _ in log}) and log[-1][0] == 16384 * 6 // 256 * 256
+    assert set(log[0][1]) == {"loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr"}
+    assert log[-1][1]["l0"] <= 4 and not sae.training
+    assert torch.allclose(sae.W_dec.detach().norm(dim=1), torch.ones(128), atol=1e-5)
+    held_out = make_planted(n_features=64, mean_active=3.0, n_tokens=2048, seed=1).x
+    assert _fvu(sae, held_out) < 0.25  # raw in, raw out: the saved scale round-trips
+
+
+def test_batchtopk_inference_l0_close_to_k(planted):
+    k = 4
+    # a 192-step run: momentum 0.9 so the EMA is not still lagging the (falling) cut-off when training ends
+    tc = TC.model_copy(update={"threshold_momentum": 0.9, "total_tokens": 16384 * 3})
+    sae = train_sae(SAEConfig(d_in=32, n_latents=128, k=k, architecture="batchtopk"), tc,
+                    batches(planted.x, 256, epochs=3))
+    assert sae.threshold.item() > 0
+    sae.eval()
+    held_out = make_planted(n_features=64, mean_active=3.0, n_tokens=4096, seed=1).x
+    vals, _ = sae.encode(held_out)
+    l0 = (vals > 0).sum(1).float().mean().item()
+    assert abs(l0 - k) <= 0.1 * k, l0
+    assert _fvu(sae, held_out) < 0.35
+
+
+def test_first_batch_sets_input_scale_and_b_dec(planted):
+    tc = TrainConfig(lr=1e-9, warmup_steps=0, geometric_median_samples=512)
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), tc), (SAEConfig(d_in=32, n_latents=96, k=8), tc)])
+    m = trainer.train_step(planted.x[:1024])[0]
+    sae = trainer.saes[0]
+    x = planted.x[:1024]  # lr ~ 0: the metrics describe the SAE as it is now
+    assert m["fvu"] == pytest.approx(_fvu(sae, x), rel=1e-4)
+    assert m["mse"] == pytest.approx(((sae(x) - x) * sae.cfg.input_scale).pow(2).mean().item(), rel=1e-4)
+    assert m["l0"] == 4 and m["aux_loss"] == 0 and m["loss"] == pytest.approx(m["mse"])
+    sample = planted.x[:512] * sae.cfg.input_scale
+    assert sample.norm(dim=1).mean().item() == pytest.approx(32**0.5, rel=1e-5)
+    assert torch.allclose(sae.b_dec.detach(), geometric_median(sample).float(), atol=1e-4)
+    assert trainer.saes[1].cfg.input_scale == sae.cfg.input_scale
+    assert torch.allclose(trainer.saes[1].b_dec.detach(), sae.b_dec.detach(), atol=1e-4)
+
+
+def test_nan_input_raises_with_step(planted):
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), TC)])
+    trainer.train_step(planted.x[:64])
+    bad = planted.x[64:128].clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 1"):
+        trainer.train_step(bad)
+    bad[3, 5] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        trainer.train_step(bad)
+    with pytest.raises(ValueError, match="d_in=32"):
+        trainer.train_step(planted.x[:8, :16])
+
+
+def test_non_finite_loss_names_the_sae(planted):
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), TC), (SAEConfig(d_in=32, n_latents=96, k=4), TC)])
+    trainer.train_step(planted.x[:64])
+    with torch.no_grad():
+        trainer.saes[1].W_dec[:, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="SAE 1"):
+        trainer.train_step(planted.x[64:128])
+
+
+def _params(trainer):
+    return [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in trainer.saes]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_state_dict_resume_is_exact(planted, arch):
+    members = [(SAEConfig(d_in=32, n_latents=64, k=4, architecture=arch), TC.model_copy(update={"dead_tokens": 512})),
+               (SAEConfig(d_in=32, n_latents=64, k=4, partition=(16, 64)), TC)]
+    data = list(batches(planted.x[:4096], 128))
+    straight = Trainer(members)
+    straight.fit(data)
+    first = Trainer(members)
+    first.fit(data[:16])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = Trainer(members)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.fit(data[16:])
+    assert resumed.step == straight.step == len(data) and resumed.tokens_seen == straight.tokens_seen
+    for a, b in zip(_params(resumed), _params(straight), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.saes[0].cfg == straight.saes[0].cfg  # input_scale restored
+    assert resumed.saes[0].threshold.item() == straight.saes[0].threshold.item()
+    assert not torch.equal(_params(first)[0], _params(straight)[0])
+
+
+def test_several_saes_from_one_stream_equal_training_alone(planted):
+    members = [(SAEConfig(d_in=32, n_latents=64, k=4), TC),
+               (SAEConfig(d_in=32, n_latents=96, k=6, partition=(24, 48, 96), architecture="batchtopk"),
+                TC.model_copy(update={"seed": 3}))]  # also: Matryoshka over the BatchTopK encoder
+    reads = []
+
+    def stream():
+        for b in batches(planted.x[:2048], 128):
+            reads.append(1)
+            yield b
+
+    together = Trainer(members)
+    together.fit(stream())
+    assert len(reads) == 16 and together.step == 16  # each batch read once, fed to both
+    for i, member in enumerate(members):
+        alone = Trainer([member])
+        alone.fit(batches(planted.x[:2048], 128))
+        assert torch.equal(_params(alone)[0], _params(together)[i])
+
+
+def test_lr_schedule_warmup_and_decay(planted):
+    tc = TrainConfig(lr=1e-3, warmup_steps=4, total_tokens=64 * 20, decay_fraction=0.5)
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), tc)])
+    lrs = [trainer.train_step(b)[0]["lr"] for b in batches(planted.x[: 64 * 20], 64)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:11] == pytest.approx([1e-3] * 7)
+    assert lrs[11:] == pytest.approx([1e-3 * (20 - s) / 10 for s in range(11, 20)])
+    assert trainer.train_step(planted.x[:64]) == [{}]  # total_tokens reached: nothing more to train
+    default = Trainer([(SAEConfig(d_in=32, n_latents=2**16, k=4), TrainConfig(warmup_steps=0))])
+    assert default._members[0].base_lr == pytest.approx(1e-4)
+
+
+def test_auxk_sends_gradient_to_dead_latents_only_when_enabled(planted):
+    x = planted.x[:256]
+    grads = {}
+    for coef in (0.0, 1 / 32):
+        trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4),
+                            TrainConfig(lr=1e-2, warmup_steps=0, dead_tokens=1000, aux_coef=coef))])
+        trainer.train_step(x)
+        sae, member = trainer.saes[0], trainer._members[0]
+        sae.train()
+        fires = torch.zeros(64, dtype=torch.bool)
+        fires[sae.encode(x[:8])[1].unique()] = True  # 8 tokens: at most 32 of 64 latents fire
+        member.since_fired[:] = 0
+        member.since_fired[~fires] = 10_000  # everything the next step will not select is dead
+        m = trainer.train_step(x[:8])[0]
+        assert m["dead_fraction"] == pytest.approx((~fires).float().mean().item())
+        grads[coef] = sae.W_enc.grad[:, ~fires].abs().sum().item()
+        if coef > 0:
+            assert m["aux_loss"] > 0 and m["loss"] > m["mse"]
+    assert (~fires).sum() > 0
+    assert grads[0.0] == 0.0 and grads[1 / 32] > 0
+
+
+def test_dead_fraction_tracks_unused_latents(planted):
+    tc = TrainConfig(lr=1e-3, warmup_steps=0, dead_tokens=256, aux_coef=0.0)
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=2), tc)])
+    trainer.train_step(planted.x[:128])
+    with torch.no_grad():
+        trainer.saes[0].b_enc[:10] = -1e3  # these can never fire again
+    for b in batches(planted.x[128:1152], 128):
+        m = trainer.train_step(b)[0]
+    assert m["dead_fraction"] >= 10 / 64
+    assert (trainer._members[0].since_fired[:10] >= 256).all()
+
+
+def test_bfloat16_compute_matches_float32(planted):
+    cfg = SAEConfig(d_in=32, n_latents=128, k=4)
+    fvus = []
+    for cd in ("float32", "bfloat16"):
+        sae = train_sae(cfg, TC.model_copy(update={"compute_dtype": cd}), batches(planted.x, 256, epochs=2))
+        assert sae.W_enc.dtype == torch.float32  # fp32 master weights
+        fvus.append(_fvu(copy.deepcopy(sae), planted.x[:2048]))
+    assert abs(fvus[1] - fvus[0]) < 0.05 * fvus[0] + 0.01, fvus
+
+
+def test_invalid_members():
+    with pytest.raises(ValueError, match="members"):
+        Trainer([])
+    with pytest.raises(ValueError, match="d_in"):
+        Trainer([(SAEConfig(d_in=8, n_latents=16, k=2), TC), (SAEConfig(d_in=9, n_latents=16, k=2), TC)])
+    with pytest.raises(ValueError, match="SAEConfig.dtype"):
+        Trainer([(SAEConfig(d_in=8, n_latents=16, k=2, dtype="bfloat16"), TC)])
+
+
+def test_fit_stops_at_max_tokens(planted):
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), TC)])
+    calls = []
+    trainer.fit(batches(planted.x, 100), max_tokens=1000, callback=lambda t, m: calls.append(t), log_every=3)
+    assert trainer.tokens_seen == 1000 and calls == [300, 600, 900, 1000]
