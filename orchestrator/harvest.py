@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from orchestrator.shards import (
     MANIFEST,
@@ -86,6 +86,11 @@ class HarvestConfig(BaseModel):
     torch_threads: int | None = None
     batch_size: int = 16
     shard_rows: int = 16384
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
@@ -156,9 +161,11 @@ class _HarvestActor:
         n_ctx, T = ids.shape
         act = torch.empty(n_ctx, T - 1, self.lm.d_model, dtype=self.store_dtype)
         bs = self.cfg.batch_size
+        t0 = time.perf_counter()
         for i in range(0, n_ctx, bs):
             x = harvest_activations(self.lm, ids[i: i + bs], self.cfg.site)
             act[i: i + bs].copy_(x[:, 1:])  # drop BOS; one converting copy into the shard buffer
+        forward_seconds = time.perf_counter() - t0
         act = act.view(-1, self.lm.d_model)[:rows]
         pos = np.tile(np.arange(1, T, dtype=np.int32), n_ctx)[:rows]
         ctx = np.repeat(np.arange(first_context, first_context + n_ctx, dtype=np.int32), T - 1)[:rows]
@@ -167,7 +174,7 @@ class _HarvestActor:
         label_idx = token_label[:, 1:].reshape(-1)[:rows].astype(np.int32)
         # act is already in the storage dtype, so write_shard's cast is a no-op
         return write_shard(self.store, index, act, self.cfg.dtype, columns, self.labels, label_idx,
-                           first_context, n_ctx)
+                           first_context, n_ctx, extra={"forward_seconds": forward_seconds})
 
 
 def _complete(fs: Any, path: str) -> Manifest | None:

@@ -129,15 +129,17 @@ def encode_shard(act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray], 
 
 
 def write_shard(store: str, index: int, act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray],
-                labels: Sequence[str], label_idx: np.ndarray, first_context: int, n_contexts: int) -> dict[str, Any]:
-    """Write shard `index` and then its sidecar (both atomically); return the sidecar dict."""
+                labels: Sequence[str], label_idx: np.ndarray, first_context: int, n_contexts: int,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write shard `index` and then its sidecar (both atomically; `extra` goes into the sidecar, e.g. timings);
+    return the sidecar dict."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     fs, path = storage_fs(store)
     data = encode_shard(act.to(getattr(torch, dtype)), dtype, columns, labels, label_idx)
     info = {"name": shard_name(index), "index": index, "rows": int(act.shape[0]), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "norm_sum": float(act.float().norm(dim=1).double().sum()),
-            "first_context": first_context, "n_contexts": n_contexts}
+            "first_context": first_context, "n_contexts": n_contexts, **(extra or {})}
     fs.create_dir(path, recursive=True)
     write_atomic(fs, _join(path, info["name"]), data)
     write_atomic(fs, _join(path, sidecar_name(index)), json.dumps(info).encode())

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from sae.assets import smollm2_gguf_path
+from sae.assets import converted_gguf, file_sha256, smollm2_gguf_path
 
 EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf_path}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,18 +73,6 @@ def parse_dtype(dtype: str | torch.dtype, field: str = "dtype") -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"{field} must be one of {sorted(DTYPES)}, got {dtype!r}")
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached per (path, size, mtime) so repeated loads of a 98 MB GGUF hash it once."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _resolve_source(name: str) -> tuple[str, str | None, Path | None]:
@@ -156,51 +140,13 @@ def _find_child(layer: torch.nn.Module, names: tuple[str, ...], what: str) -> to
     raise ValueError(f"site {what}: decoder layer {type(layer).__name__} has none of {names} (children: {children})")
 
 
-def cache_root() -> Path:
-    """Where converted models live: $SAE_FRONTIER_CACHE, else ~/.cache/sae_frontier."""
-    return Path(os.environ.get("SAE_FRONTIER_CACHE") or Path.home() / ".cache" / "sae_frontier")
-
-
-def _converted_gguf(path: Path) -> Path:
-    """A safetensors copy of a GGUF model (dequantised to float32), made once per file sha256.
-
-    Parsing a GGUF in transformers takes 10-20 s (its vocab and tensor map are decoded field by field); the
-    converted copy loads in well under a second, which matters because every harvest actor and trial loads the
-    LM. Written to a temp dir and renamed, so concurrent loaders never see a half-written copy.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = cache_root() / "models" / f"gguf-{file_sha256(path)[:32]}"
-    if (target / "complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config  # the copy is plain float32, not a GGUF checkpoint
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "complete").write_text(str(path) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process renamed its copy first
-            if not (target / "complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None) -> Any:
     """The model's tokenizer alone (what a harvest driver needs to cut contexts)."""
     from transformers import AutoTokenizer
 
     source, gguf_file, local = _resolve_source(name)
     if gguf_file is not None:
-        source = str(_converted_gguf(Path(source) / gguf_file))
+        source = str(converted_gguf(Path(source) / gguf_file))
     kwargs = {"revision": revision} if local is None and revision is not None else {}
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
@@ -222,7 +168,7 @@ def load_lm(name: str = "smollm2-135m", *, device: str = "cpu", dtype: str = "fl
     source, gguf_file, local = _resolve_source(name)
     kwargs: dict[str, Any] = {}
     if gguf_file is not None:
-        source = str(_converted_gguf(Path(source) / gguf_file))
+        source = str(converted_gguf(Path(source) / gguf_file))
     elif local is None and revision is not None:
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -277,7 +223,7 @@ def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -
 
     source, gguf_file, local = _resolve_source(name)
     if gguf_file is not None:
-        source = str(_converted_gguf(Path(source) / gguf_file))
+        source = str(converted_gguf(Path(source) / gguf_file))
     kwargs = {"revision": revision} if local is None and revision is not None else {}
     cfg = AutoConfig.from_pretrained(source, **kwargs)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -285,7 +231,8 @@ def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -
     d = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     if not n or not d:
         raise ValueError(f"model {name!r}: its config names no layer count / width (num_hidden_layers, hidden_size)")
-    return ModelInfo(name=name, revision=resolve_revision(name, revision), n_layers=int(n), d_model=int(d),
+    rev = resolve_revision(name, revision) if local is not None else getattr(cfg, "_commit_hash", None) or revision
+    return ModelInfo(name=name, revision=rev or "main", n_layers=int(n), d_model=int(d),
                      model_type=str(getattr(cfg, "model_type", "")))
 
 

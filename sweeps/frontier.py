@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n=== Optuna Pareto trials (objective_fvu at G, objective_size) ===")
         for t in outcome.pareto_trials:
             print(t)
-    print(f"\nharvest {outcome.harvest_seconds:.1f}s, trials {outcome.trials_seconds:.1f}s; parent run {outcome.parent_run_id}")
+    print(f"\n{outcome.cost_summary()}\nparent run {outcome.parent_run_id} in experiment {outcome.experiment}")
     print(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {spec.resolved_tracking_uri()})")
     return 0
 

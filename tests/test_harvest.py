@@ -73,7 +73,10 @@ def test_harvest_writes_exact_tokens_and_true_activations(store):
     want = harvest_activations(lm, ctx.input_ids[18:20], "resid_post.6")[:, 1:].reshape(-1, 576)
     torch.testing.assert_close(acts[18 * (T - 1):], want[: TOKENS - 18 * (T - 1)], rtol=1e-4, atol=1e-4)
     rows = read_dataset(path).take_batch(TOKENS + 1, batch_format="numpy")  # one Ray Data execution
-    assert rows["act"].shape == (TOKENS, 576) and rows["label"][0] == rec["label"][0]
+    order = torch.from_numpy(rows["context_id"] * T + rows["position"]).argsort()  # blocks may arrive in any order
+    assert rows["act"].shape == (TOKENS, 576)
+    assert torch.equal(torch.from_numpy(rows["act"])[order], acts)
+    assert list(rows["label"][order.numpy()]) == rec["label"]
 
 
 def test_second_harvest_does_no_lm_work(store, caplog):

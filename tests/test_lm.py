@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from sae.assets import file_sha256
 from sae.corpus import load_corpus, tokenize_contexts
 from sae.lm import (
     ce_scores,
     describe_model,
-    file_sha256,
     harvest_activations,
     load_lm,
     parse_site,
@@ -43,7 +43,7 @@ def test_file_hash_is_cached(tmp_path):
     p = tmp_path / "w.bin"
     p.write_bytes(b"abc")
     assert file_sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    from sae.lm import _sha256_cached
+    from sae.assets import _sha256_cached
 
     hits = _sha256_cached.cache_info().hits
     file_sha256(p)
