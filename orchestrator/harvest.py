@@ -43,7 +43,15 @@ from orchestrator.shards import (
     write_manifest,
     write_shard,
 )
-from sae.lm import SITE_KINDS, check_site, describe_model, harvest_activations, load_lm, load_tokenizer
+from sae.lm import (
+    SITE_KINDS,
+    check_site,
+    compute_dtype_for,
+    describe_model,
+    harvest_activations,
+    load_lm,
+    load_tokenizer,
+)
 from sae.lm import resolve_revision as _resolve_revision
 
 log = logging.getLogger(__name__)
@@ -140,7 +148,7 @@ class _HarvestActor:
         self.cfg = HarvestConfig.model_validate_json(cfg_json)
         self.store = store
         self.labels = labels
-        lm_dtype = self.cfg.lm_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        lm_dtype = compute_dtype_for(device, self.cfg.lm_dtype)
         self.lm = load_lm(self.cfg.model, device=device, dtype=lm_dtype, revision=self.cfg.revision)
         self.store_dtype = getattr(torch, self.cfg.dtype)
 

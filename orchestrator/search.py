@@ -16,6 +16,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.spec import SweepSpec, absolute_tracking_uri
+from sae.matryoshka import partition_label
 
 OBJECTIVES = ["objective_fvu", "objective_size"]
 
@@ -50,7 +51,9 @@ def study_name(spec: SweepSpec) -> str:
 
 
 def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
-    Path(optuna_storage_url(spec).removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    url = optuna_storage_url(spec)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(optuna_storage_url(spec))
     return OptunaSearch(
         metric=OBJECTIVES, mode=["min", "min"], storage=storage, study_name=study_name(spec),
@@ -61,5 +64,5 @@ def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
 def pareto_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     """The study's Pareto-optimal trials (optuna's best_trials), as plain dicts."""
     study = optuna.load_study(study_name=study_name(spec), storage=optuna_storage_url(spec))
-    return [{"number": t.number, **t.params, "objective_fvu": t.values[0], "objective_size": t.values[1]}
-            for t in study.best_trials]
+    return [{"number": t.number, **t.params, "partition": partition_label(spec.grid.partition[t.params["partition_index"]]),
+             "objective_fvu": t.values[0], "objective_size": t.values[1]} for t in study.best_trials]

@@ -105,7 +105,7 @@ class SweepSpec(_Strict):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bf16 on a GPU, fp32 on a CPU
     storage: str = ".cache/shards"
     tracking_uri: str | None = None
     results_path: str = ".cache/ray_results"
@@ -137,11 +137,18 @@ class SweepSpec(_Strict):
             bad = [g for g in self.eval.granularities if g < 2 or g > max(self.grid.n_latents)]
             if bad:
                 raise ValueError(f"eval.granularities must lie in 2..max(grid.n_latents), got {bad}")
-        g0 = self.optuna.objective_granularity
-        if g0 is not None and g0 not in self.granularities():
-            raise ValueError(f"optuna.objective_granularity must be one of the evaluated G {self.granularities()}, got {g0}")
-        if g0 is not None and g0 > min(self.grid.n_latents):
+        g0 = self.objective_granularity()
+        if g0 not in self.granularities():
+            raise ValueError(f"optuna.objective_granularity ({g0}, default: the smallest n_latents) must be one of "
+                             f"the evaluated G {self.granularities()}; set it, or add it to eval.granularities")
+        if g0 > min(self.grid.n_latents):
             raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
+        if self.device == "cuda" and self.resources.gpus <= 0:
+            raise ValueError("device: 'cuda' needs resources.gpus > 0 (a GPU per trial), got resources.gpus = 0")
+        try:  # the training settings, as every trial will build them
+            self.train_config(self.trial_points()[0], "cpu")
+        except ValidationError as err:
+            raise ValueError(f"train: {_first_message(err)}") from None
         return self
 
     # ---- derived values -------------------------------------------------------------------------------------
@@ -155,6 +162,10 @@ class SweepSpec(_Strict):
 
     def resolved_tracking_uri(self) -> str:
         return absolute_tracking_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+    def to_yaml(self) -> str:
+        """The validated spec with every default filled in: what the sweep's parent run stores as spec.yaml."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
@@ -198,6 +209,8 @@ def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> 
              f"partition={partition_label(partition)}, seed={seed})")
     try:
         boundaries = resolve_partition(partition, n)
+        if boundaries is not None and len(boundaries) == 1:
+            raise ValueError("partition: a single group is a vanilla SAE; write null for it")
         SAEConfig(d_in=1, n_latents=n, k=k, architecture=architecture, partition=boundaries)
     except ValidationError as err:
         raise ValueError(f"{where}: {_first_message(err)}") from None
@@ -218,7 +231,7 @@ def point_from_config(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]
 
 
 def trial_key(point: dict[str, Any]) -> str:
-    """A stable id for a grid point: the tag that matches a trial to its MLflow run across resumes."""
+    """A stable id for a grid point (tagged on its MLflow run; runs are matched across resumes by Tune trial id)."""
     fields = {k: point[k] for k in ("n_latents", "k", "architecture", "partition", "seed")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -228,8 +241,13 @@ def home() -> Path:
 
     `ray job submit` unpacks the working dir into a temporary folder; `make submit` sets SAE_FRONTIER_HOME to
     the checkout so the job reuses its shards, results and MLflow store instead of writing into that folder.
+    A job submitted without it keeps them in ~/sae-frontier on the head node (said in the job's log).
     """
-    return Path(os.environ.get("SAE_FRONTIER_HOME") or REPO_ROOT)
+    if os.environ.get("SAE_FRONTIER_HOME"):
+        return Path(os.environ["SAE_FRONTIER_HOME"])
+    if os.environ.get("RAY_JOB_ID"):  # a job's working dir is a temporary copy: keep results where they last
+        return Path.home() / "sae-frontier"
+    return REPO_ROOT
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -21,7 +21,8 @@ from ray import tune
 from orchestrator.frontier import compare_experiments_figure, compute_frontier, frontier_table, plot_frontier
 from orchestrator.harvest import HarvestConfig, harvest
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
-from orchestrator.spec import SweepSpec, resolve_path
+from orchestrator.shards import exists, read_bytes, storage_fs, write_atomic
+from orchestrator.spec import SweepSpec, home, resolve_path
 from orchestrator.tracking import MLflowSweepCallback, Tracker
 from orchestrator.trial import run_trial
 
@@ -62,7 +63,7 @@ class SweepOutcome:
         return "\n".join(lines)
 
 
-def init_ray(spec: SweepSpec) -> None:
+def init_ray() -> None:
     """Join the cluster this runs on (a job's RAY_ADDRESS), else start a local Ray."""
     if ray.is_initialized():
         return
@@ -84,39 +85,41 @@ def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:
     )
 
 
-def _latest_file(spec: SweepSpec, search: str) -> Path:
-    return Path(resolve_path(spec.results_path)) / f"{spec.name}.{search}.latest"
-
-
 def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
-    """A fresh sweep gets a new name; --resume continues the last one of this spec and search."""
-    latest = _latest_file(spec, search)
+    """A fresh sweep gets a new name; --resume continues the last one of this spec and search.
+
+    The name of the last one is kept in <results_path>/<spec>.<search>.latest (a local path or any URI).
+    """
+    fs, root = storage_fs(resolve_path(spec.results_path))
+    latest = f"{root.rstrip('/')}/{spec.name}.{search}.latest"
     if resume:
-        if not latest.exists():
-            raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {latest.parent}")
-        return latest.read_text().strip()
+        if not exists(fs, latest):
+            raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {spec.results_path}")
+        return read_bytes(fs, latest).decode().strip()
     name = f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = latest.with_suffix(".tmp")
-    tmp.write_text(name)
-    tmp.replace(latest)
+    fs.create_dir(root, recursive=True)
+    write_atomic(fs, latest, name.encode())
     return name
 
 
-def run_sweep(spec: SweepSpec, *, spec_text: str, search: str = "grid", trials: int | None = None,
+def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = None,
               resume: bool = False, log=print) -> SweepOutcome:
-    init_ray(spec)
+    name = _experiment_dir_name(spec, search, resume)  # fails now, not after the harvest, if nothing to resume
+    if os.environ.get("RAY_JOB_ID") and not os.environ.get("SAE_FRONTIER_HOME"):
+        log(f"[sweep] relative paths of the spec resolve under {home()} (set SAE_FRONTIER_HOME to change it)")
+    init_ray()
     t0 = time.perf_counter()
     train_store = str(harvest(harvest_config(spec, "train")))
     eval_store = str(harvest(harvest_config(spec, "eval")))
     harvest_seconds = time.perf_counter() - t0
     log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
 
-    name = _experiment_dir_name(spec, search, resume)
     storage_path = resolve_path(spec.results_path)
     tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
+    if resume:
+        tracker.check_resumable(name, spec.spec_hash())
     parent = tracker.parent_run(
-        name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec_text,
+        name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec.to_yaml(),
         params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
                 "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": train_store,
                 "eval_store": eval_store, "granularities": spec.granularities()},
@@ -125,16 +128,17 @@ def run_sweep(spec: SweepSpec, *, spec_text: str, search: str = "grid", trials: 
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),
         {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
     )
-    exp_path = os.path.join(storage_path, name)
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
     t1 = time.perf_counter()
+    if search == "optuna":
+        # training reports carry no objectives (only a trial's final evaluation does, and a multi-objective
+        # OptunaSearch reads only that one), so Tune must not demand them on every report
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if resume and tune.Tuner.can_restore(exp_path):
         log(f"[sweep] resuming {exp_path}: finished trials are kept, unfinished ones continue from their checkpoints")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
     else:
         if search == "optuna":
-            # training reports carry no objectives (only a trial's final evaluation does, and a multi-objective
-            # OptunaSearch reads only that one), so Tune must not demand them on every report
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
             space = optuna_space(spec)
             tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
                                           max_concurrent_trials=spec.resources.max_concurrent)

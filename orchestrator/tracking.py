@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.spec import SweepSpec, point_from_config
+from orchestrator.trial import RESULT_FILE
 from sae.evaluate import CURVE_METHODS
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
@@ -26,7 +27,6 @@ TRIAL_KEY_TAG = "sae_frontier.trial_id"  # the Tune trial id: stable across Tune
 POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key)
 SPEC_HASH_TAG = "sae_frontier.spec_hash"
 PARENT_TAG = "mlflow.parentRunId"
-RESULT_FILE = "result.json"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
@@ -71,6 +71,16 @@ class Tracker:
         self.client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def check_resumable(self, sweep_key: str, spec_hash: str) -> None:
+        """--resume continues a sweep only with the spec it started with (trials and checkpoints depend on it)."""
+        run_id = self._find(f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' and tags.`{PARENT_TAG}` IS NULL")
+        if run_id is None:
+            return
+        old = self.client.get_run(run_id).data.tags.get(SPEC_HASH_TAG)
+        if old != spec_hash:
+            raise ValueError(f"--resume: sweep {sweep_key} was started with another spec (hash {old}, now {spec_hash}); "
+                             "restore the spec it ran with, or start a new sweep without --resume")
 
     def child_run(self, parent_id: str, trial_id: str, *, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """One child run per trial, matched by the Tune trial id so a resumed trial reuses its run."""
@@ -188,6 +198,7 @@ class MLflowSweepCallback(tune.Callback):
         self.spec = SweepSpec.model_validate_json(spec_json)
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
+        self._logged_up_to: dict[str, int] = {}  # run id -> last training step (tokens) logged
 
     def __getstate__(self) -> dict:
         return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
@@ -208,8 +219,11 @@ class MLflowSweepCallback(tune.Callback):
             point = point_from_config(trial.config, self.spec)
             name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
             params = {k: v for k, v in point.items() if k != "trial_key"}
-            self._runs[key] = self.tracker.child_run(self.parent_id, key, name=name, params=params,
-                                                     tags={POINT_KEY_TAG: point["trial_key"]})
+            run_id = self.tracker.child_run(self.parent_id, key, name=name, params=params,
+                                            tags={POINT_KEY_TAG: point["trial_key"]})
+            history = self.tracker.client.get_metric_history(run_id, "train/loss")
+            self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
+            self._runs[key] = run_id
         return self._runs[key]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -218,11 +232,17 @@ class MLflowSweepCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("phase") != "train":
             return
+        run_id, step = self._run_for(trial), int(result["tokens_seen"])
+        if step <= self._logged_up_to[run_id]:
+            return  # a trial restarted from a checkpoint re-reports steps this run already has
         metrics = {f"train/{k}": result[k] for k in self.TRAIN_KEYS if k in result}
-        self.tracker.log_metrics(self._run_for(trial), metrics, step=int(result["tokens_seen"]))
+        self.tracker.log_metrics(run_id, metrics, step=step)
+        self._logged_up_to[run_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        if self.tracker.is_finished(run_id):
+            return  # a restored sweep re-reported a trial whose results this run already holds
         checkpoint = trial.checkpoint
         if checkpoint is None:
             self.tracker.finish(run_id, "FAILED")

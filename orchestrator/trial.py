@@ -21,16 +21,17 @@ from ray import tune
 
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, point_from_config
-from orchestrator.tracking import RESULT_FILE
 from sae.checkpoint import save_sae
 from sae.config import SAEConfig
+from sae.corpus import special_ids
 from sae.evaluate import EvalData, EvalOptions, evaluate_progressive, principal_method
-from sae.lm import load_lm
+from sae.lm import compute_dtype_for, load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
 from sae.train import Trainer
 
 TRAINER_STATE = "trainer.pt"
+RESULT_FILE = "result.json"  # the result bundle's index, read by orchestrator.tracking
 
 
 def pick_device(requested: str) -> str:
@@ -75,9 +76,13 @@ def splice_contexts(data: EvalData, positions: torch.Tensor, n: int, bos_id: int
     return torch.stack([r[:width] for r in rows])
 
 
-def _report_train(trainer: Trainer, metrics: dict[str, float], checkpoint_every: int) -> None:
+def _report_train(trainer: Trainer, metrics: dict[str, float], spec: SweepSpec) -> None:
+    """Report every `report_every_steps`; save the trainer state every `checkpoint_every_steps`."""
+    checkpoint = trainer.step % spec.train.checkpoint_every_steps == 0
+    if not checkpoint and trainer.step % spec.train.report_every_steps:
+        return
     payload = {"phase": "train", "tokens_seen": trainer.tokens_seen, "step": trainer.step, **metrics}
-    if trainer.step % checkpoint_every:
+    if not checkpoint:
         tune.report(payload)
         return
     with tempfile.TemporaryDirectory() as d:
@@ -112,14 +117,13 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
     metrics: dict[str, float] = {}
     for batch in itertools.islice(training_batches(train_store, spec, point["seed"], device), start, None):
         metrics = trainer.train_step(batch)[0]
-        if trainer.step % spec.train.report_every_steps == 0:
-            _report_train(trainer, metrics, spec.train.checkpoint_every_steps)
+        _report_train(trainer, metrics, spec)
     train_seconds = time.perf_counter() - t0
     sae = trainer.saes[0].eval()
 
     data, positions = load_eval_data(eval_store, spec)
-    lm = load_lm(spec.model, device=device, dtype=spec.lm_dtype, revision=spec.revision)
-    contexts = splice_contexts(data, positions, spec.eval.splice_contexts, lm.tokenizer.bos_token_id or 0)
+    lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
+    contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0])
     scorer = SpliceScorer(lm, contexts, spec.site)
     opts = EvalOptions(
         granularities=spec.granularities(), rsa_tokens=spec.eval.rsa_tokens, probe_features=spec.eval.probe_features,

@@ -113,7 +113,8 @@ def doc_split(doc_id: int, eval_fraction: float, seed: int) -> Literal["train", 
     return "eval" if int.from_bytes(h, "big") / 2**64 < eval_fraction else "train"
 
 
-def _special_ids(tokenizer: Any) -> tuple[int, int]:
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """(context start id, document separator id): BOS and EOS, falling back to EOS/SEP when a model has none."""
     bos = tokenizer.bos_token_id
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if bos is None:
@@ -145,7 +146,7 @@ def tokenize_contexts(dataset: Any, tokenizer: Any, *, context_length: int, max_
             raise ValueError(f"dataset lacks column {col!r} (columns: {dataset.column_names}); build it with load_corpus")
     if len(dataset) == 0:
         raise ValueError("corpus is empty: the dataset has no documents")
-    bos, sep = _special_ids(tokenizer)
+    bos, sep = special_ids(tokenizer)
     span = context_length - 1
     n_ctx = -(-max_tokens // span)
     need = n_ctx * span

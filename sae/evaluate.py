@@ -71,7 +71,6 @@ class EvalReport:
     power_law: dict = field(default_factory=dict)
     importance: Tensor | None = None
     fit: PowerLawFit | None = None
-    orders: dict[str, Tensor] = field(default_factory=dict)
 
     def curve_rows(self, metric: str) -> dict[str, list[dict[str, float]]]:
         """{method: [{"G": g, metric: value}, ...]}: the layout sae.plots.plot_pruning_curves draws."""
@@ -161,14 +160,12 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
     report.power_law = fit.as_dict()
     full = score_sae(sae, data, opts, scorer)
     report.final.update(full)
-    report.final["dead_fraction"] = float(stats.dead.float().mean())
     report.final.update({f"power_law/{k}": v for k, v in fit.as_dict().items() if isinstance(v, int | float)})
     report.final["power_law/prefers_power_law"] = float(fit.preferred == "power_law")
     n = sae.cfg.n_latents
     gs = [g for g in opts.granularities if 2 <= g <= n]
     for method, measure in methods_for(sae).items():
         order = order_latents(stats if measure in ("ez2", "freq") else n, measure, seed=opts.seed)
-        report.orders[method] = order
         for g in gs:
             # at G = n every ordering keeps the whole dictionary: the full SAE itself
             sub = sae if g == n else (prefix_sae(sae, g) if measure == "prefix" else prune_sae(sae, order[:g]))

@@ -151,6 +151,11 @@ def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None) -
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def compute_dtype_for(device: str | torch.device, dtype: str | None) -> str:
+    """The LM's compute dtype: the one asked for, else bf16 on a GPU and fp32 on a CPU."""
+    return dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+
+
 def load_lm(name: str = "smollm2-135m", *, device: str = "cpu", dtype: str = "float32",
             revision: str | None = None) -> LoadedLM:
     """Load any causal LM transformers can load: a hub name, a local directory, a .gguf file, or an embedded

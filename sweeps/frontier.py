@@ -37,20 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def spec_text(path: str, spec) -> str:
-    p = Path(path)
-    return p.read_text() if p.exists() else (SPEC_DIR / f"{path}.yaml").read_text()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "storage": args.storage}.items() if v}
     if args.compare:
-        from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri
+        from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri, resolve_path
         from orchestrator.sweep import compare, frontier_table
 
         uri = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-        frontier, out = compare(args.compare, uri, args.out)
+        frontier, out = compare(args.compare, uri, resolve_path(args.out))
         print(frontier_table(frontier))
         print(f"\nfrontier plots and table: {out}")
         return 0
@@ -63,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.sweep import SweepInterrupted, frontier_table, run_sweep
 
     try:
-        outcome = run_sweep(spec, spec_text=spec_text(args.spec, spec), search=args.search, trials=args.trials,
-                            resume=args.resume)
+        outcome = run_sweep(spec, search=args.search, trials=args.trials, resume=args.resume)
     except SweepInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.spec import load_spec
@@ -29,6 +31,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
     """Start a head with token auth, submit the smoke sweep with --working-dir ., wait, stop the head."""
+    # `ray stop` at the end stops every Ray on this machine: never run this beside a cluster in use
+    if any(p.info["name"] in ("raylet", "gcs_server") for p in psutil.process_iter(["name"])):
+        pytest.skip("a Ray cluster already runs on this machine; this test would stop it")
     home = tmp_path_factory.mktemp("job_home")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -45,15 +50,20 @@ def submitted(tmp_path_factory):
              "env", f"SAE_FRONTIER_HOME={home}", f"MLFLOW_TRACKING_URI={uri}",
              "python", "sweeps/frontier.py", "--spec", "sweeps/specs/smoke.yaml"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        yield home, uri, submit
+        job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr)
+        status = subprocess.run([BIN / "ray", "job", "status", "--address", f"http://127.0.0.1:{dash}", job.group(0)],
+                                env=env, capture_output=True, text=True, timeout=60) if job else None
+        yield home, uri, submit, status
     finally:
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ray_job_submit_runs_the_sweep_and_writes_mlflow(submitted):
-    home, uri, submit = submitted
+    home, uri, submit, status = submitted
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-    assert "SUCCEEDED" in submit.stdout + submit.stderr
+    assert status is not None, submit.stdout[-2000:]
+    said = status.stdout + status.stderr  # `ray job status` ends with "Job '<id>' succeeded" (or failed/stopped)
+    assert re.search(r"\bsucceeded\b", said, re.I) and not re.search(r"\bfailed\b", said, re.I), said
     assert "frontier of sae-frontier-smoke" in submit.stdout
     from mlflow.tracking import MlflowClient
 
@@ -66,7 +76,7 @@ def test_ray_job_submit_runs_the_sweep_and_writes_mlflow(submitted):
 
 
 def test_mlflow_server_serves_the_runs_over_rest(submitted):
-    _home, uri, _ = submitted
+    _home, uri, _, _ = submitted
     port = free_port()
     server = subprocess.Popen(
         [BIN / "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),

@@ -54,6 +54,11 @@ def test_paper_spec_is_the_papers_grid():
         ({"eval": {"granularities": [1, 64]}}, "eval.granularities"),
         ({"optuna": {"objective_granularity": 100}}, "optuna.objective_granularity"),
         ({"colour": "blue"}, "colour"),
+        ({"train": {"lr": -1.0}}, "train: lr must be"),
+        ({"train": {"decay_fraction": 2.0}}, "decay_fraction"),
+        ({"device": "cuda"}, "resources.gpus"),
+        ({"grid": {"partition": ["uniform:1"]}}, "single group is a vanilla SAE"),
+        ({"eval": {"granularities": [16, 32]}}, "optuna.objective_granularity"),
     ],
 )
 def test_invalid_spec_names_the_field(override, needle):

@@ -18,8 +18,8 @@ from test_frontier import brute_force_pareto
 
 from orchestrator.frontier import CRITERIA, progressive_points
 from orchestrator.search import optuna_storage_url, study_name
-from orchestrator.spec import SPEC_DIR, load_spec
-from orchestrator.sweep import run_sweep
+from orchestrator.spec import load_spec
+from orchestrator.sweep import compare, run_sweep
 from orchestrator.tracking import PARENT_TAG, Tracker
 from sae.checkpoint import load_sae
 
@@ -42,7 +42,7 @@ def smoke(home: Path, **over):
 @pytest.fixture(scope="module")
 def grid_sweep(home):
     spec = smoke(home)
-    outcome = run_sweep(spec, spec_text=(SPEC_DIR / "smoke.yaml").read_text())
+    outcome = run_sweep(spec)
     return spec, outcome
 
 
@@ -104,7 +104,7 @@ def test_frontier_is_the_pareto_set_of_the_logged_metrics(grid_sweep):
 
 def test_optuna_study_is_persisted_and_matches_mlflow_frontier(home):
     spec = smoke(home, experiment="sae-frontier-smoke-optuna")
-    outcome = run_sweep(spec, spec_text="optuna", search="optuna", trials=3)
+    outcome = run_sweep(spec, search="optuna", trials=3)
     study = optuna.load_study(study_name=study_name(spec), storage=optuna_storage_url(spec))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
@@ -157,5 +157,17 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(home):
     assert len(trials) == len(spec.trial_points())
     assert len({r.data.tags["sae_frontier.point_key"] for r in trials}) == len(trials)
     assert all(r.info.status == "FINISHED" for r in trials)
+    for r in trials:  # a trial restarted from a checkpoint does not log its training steps twice
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)) and steps
     after = {r.info.run_id: r.info.end_time for r in trials}
     assert all(after[rid] == end for rid, end in before.items())  # finished trials were not rerun
+
+
+def test_compare_draws_earlier_sweeps_without_training(grid_sweep, tmp_path):
+    spec, outcome = grid_sweep
+    frontier, out = compare([spec.experiment_name], spec.resolved_tracking_uri(), str(tmp_path / "cmp"))
+    assert {"frontier.csv", "frontier.png", "compare.png"} <= {p.name for p in out.iterdir()}
+    # the experiment holds just this sweep, so its frontier read back from MLflow is the one the sweep logged
+    key = ["G", "criterion", "run_id"]
+    assert sorted(map(tuple, frontier[key].to_numpy())) == sorted(map(tuple, outcome.frontier[key].to_numpy()))
