@@ -41,20 +41,10 @@ def plot_importance(
     rank = torch.arange(1, live.numel() + 1, dtype=torch.float64)
     ax.loglog(rank.numpy(), live.numpy(), ".", ms=3, color="0.3", label=f"{label} ({live.numel()} live latents)")
     r = torch.arange(fit.min_rank, fit.max_rank + 1, dtype=torch.float64)
-    ax.loglog(
-        r.numpy(),
-        fit.predict(r, "power_law").numpy(),
-        "-",
-        color="C0",
-        label=f"power law: exponent {fit.exponent:.3g}, R² {fit.r2:.3f}",
-    )
-    ax.loglog(
-        r.numpy(),
-        fit.predict(r, "exponential").numpy(),
-        "--",
-        color="C3",
-        label=f"exponential: rate {fit.exp_rate:.3g}, R² {fit.exp_r2:.3f}",
-    )
+    fits = (("power_law", "-", "C0", f"power law: exponent {fit.exponent:.3g}, R² {fit.r2:.3f}"),
+            ("exponential", "--", "C3", f"exponential: rate {fit.exp_rate:.3g}, R² {fit.exp_r2:.3f}"))
+    for kind, style, color, text in fits:
+        ax.loglog(r.numpy(), fit.predict(r, kind).numpy(), style, color=color, label=text)
     ax.set_xlabel("rank")
     ax.set_ylabel(label)
     ax.set_title(title or f"importance vs rank (preferred: {fit.preferred})")
