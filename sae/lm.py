@@ -349,35 +349,3 @@ def splice_metrics(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site, repl
     clean_logp = F.log_softmax(clean_logits, dim=-1)
     kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).clamp_min(0.0)
     return {"ce": ce, "kl": kl}
-
-
-@torch.no_grad()
-def ce_scores(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site,
-              reconstruct: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int = 8) -> dict[str, float]:
-    """SAEBench recaptured-LM-loss and KL scores of a reconstruction spliced in at the site.
-
-    ce_score = (CE_zero - CE_sae) / (CE_zero - CE_clean); kl_score = (KL_zero - KL_sae) / KL_zero, with means
-    over every predicted token of `input_ids` [N, T]. `reconstruct` maps raw activations [n, d] (float32) to x_hat.
-    """
-    parse_site(site, lm)
-    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must be [N, T] with T >= 2, got shape {tuple(input_ids.shape)}")
-    sums = dict.fromkeys(("ce_clean", "ce_zero", "ce_sae", "kl_zero", "kl_sae"), 0.0)
-    count = 0
-    for i in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[i: i + batch_size].to(lm.device)
-        clean = _logits(lm, ids, None, None)
-        c = splice_metrics(lm, ids, site, None, clean_logits=clean)
-        z = splice_metrics(lm, ids, site, "zero", clean_logits=clean)
-        s = splice_metrics(lm, ids, site, reconstruct, clean_logits=clean)
-        sums["ce_clean"] += c["ce"].double().sum().item()
-        sums["ce_zero"] += z["ce"].double().sum().item()
-        sums["ce_sae"] += s["ce"].double().sum().item()
-        sums["kl_zero"] += z["kl"].double().sum().item()
-        sums["kl_sae"] += s["kl"].double().sum().item()
-        count += c["ce"].numel()
-    out = {k: v / count for k, v in sums.items()}
-    ce_gap = out["ce_zero"] - out["ce_clean"]
-    out["ce_score"] = (out["ce_zero"] - out["ce_sae"]) / ce_gap if ce_gap != 0 else float("nan")
-    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / out["kl_zero"] if out["kl_zero"] != 0 else float("nan")
-    return out

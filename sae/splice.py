@@ -1,13 +1,13 @@
 """Recaptured LM loss for many reconstructions of the same contexts, with the clean and zero runs done once.
 
-A pruning curve splices dozens of SAEs into the same eval contexts. `sae.lm.ce_scores` recomputes the clean
-and zero-ablated runs for every call; this scorer computes them once (clean logits cached per batch), so each
-further SAE costs exactly one spliced forward. Scores follow SAEBench:
+A pruning curve splices dozens of SAEs into the same eval contexts. This scorer runs the clean and
+zero-ablated passes once (clean logits cached per batch), so each further SAE costs exactly one spliced forward. Scores follow SAEBench:
 ce_score = (CE_zero - CE_sae) / (CE_zero - CE_clean), kl_score = (KL_zero - KL_sae) / KL_zero.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,9 +27,9 @@ class SpliceScorer:
         clean = self._mean(None)
         zero = self._mean("zero")
         self.ce_clean, self.ce_zero, self.kl_zero = clean["ce"], zero["ce"], zero["kl"]
-        if not self.ce_zero > self.ce_clean:
-            raise ValueError(f"zero-ablating {site} does not raise the LM loss (CE {self.ce_zero:.4f} vs clean "
-                             f"{self.ce_clean:.4f}): the CE score is undefined there; pick another site")
+        if not self.ce_zero > self.ce_clean:  # the score's denominator: without a gap the ratio means nothing
+            warnings.warn(f"zero-ablating {site} does not raise the LM loss (CE {self.ce_zero:.4f} vs clean "
+                          f"{self.ce_clean:.4f}): CE scores are NaN at this site", stacklevel=2)
 
     def _mean(self, replace) -> dict[str, float]:
         ce = kl = 0.0
@@ -45,6 +45,6 @@ class SpliceScorer:
         s = self._mean(reconstruct)
         return {
             "ce_sae": s["ce"], "kl_sae": s["kl"],
-            "ce_score": (self.ce_zero - s["ce"]) / (self.ce_zero - self.ce_clean),
+            "ce_score": (self.ce_zero - s["ce"]) / gap if (gap := self.ce_zero - self.ce_clean) > 0 else float("nan"),
             "kl_score": (self.kl_zero - s["kl"]) / self.kl_zero if self.kl_zero > 0 else float("nan"),
         }

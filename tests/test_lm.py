@@ -10,7 +10,6 @@ import torch
 from sae.assets import file_sha256
 from sae.corpus import load_corpus, tokenize_contexts
 from sae.lm import (
-    ce_scores,
     describe_model,
     harvest_activations,
     load_lm,
@@ -18,6 +17,7 @@ from sae.lm import (
     resolve_revision,
     splice_metrics,
 )
+from sae.splice import SpliceScorer
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +77,16 @@ def test_perplexity_and_splice_scores(lm, contexts):
     ppl = math.exp(clean["ce"].mean().item())
     assert 1.0 < ppl < 50.0, ppl
     assert clean["kl"].abs().max().item() == 0.0
-    ident = ce_scores(lm, contexts, "resid_post.15", lambda x: x)
+    scorer = SpliceScorer(lm, contexts, "resid_post.15")
+    ident = scorer(lambda x: x)
     assert ident["ce_score"] == pytest.approx(1.0, abs=1e-6)
     assert ident["kl_score"] == pytest.approx(1.0, abs=1e-6)
-    zero = ce_scores(lm, contexts, "resid_post.15", torch.zeros_like)
+    zero = scorer(torch.zeros_like)
     assert zero["ce_score"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
-    assert zero["ce_zero"] > zero["ce_clean"] + 1.0
+    assert scorer.ce_zero > scorer.ce_clean + 1.0
+    noisy = scorer(lambda x: x + 0.5 * x.std() * torch.randn_like(x))  # a lossy reconstruction lies in between
+    assert 0.0 < noisy["ce_score"] < 1.0 and noisy["kl_sae"] > 0
 
 
 def test_splice_keeps_bos(lm, contexts):
@@ -143,5 +146,5 @@ def test_sites_found_for_other_layouts(arch, lm, tmp_path):
     got = {k: harvest_activations(tiny, ids, f"{k}.1") for k in ("resid_pre", "resid_post", "attn_out", "mlp_out")}
     torch.testing.assert_close(got["resid_post"] - got["resid_pre"], got["attn_out"] + got["mlp_out"],
                                rtol=1e-4, atol=1e-5)
-    scores = ce_scores(tiny, ids, "resid_post.1", lambda x: x)
-    assert scores["ce_score"] == pytest.approx(1.0, abs=1e-6)
+    spliced = splice_metrics(tiny, ids, "resid_post.1", lambda x: x)  # identity splice = the clean run
+    assert spliced["kl"].abs().max().item() < 1e-6
