@@ -105,6 +105,9 @@ def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
 def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = None,
               resume: bool = False, log=print) -> SweepOutcome:
     name = _experiment_dir_name(spec, search, resume)  # fails now, not after the harvest, if nothing to resume
+    tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
+    if resume:
+        tracker.check_resumable(name, spec.spec_hash())
     if os.environ.get("RAY_JOB_ID") and not os.environ.get("SAE_FRONTIER_HOME"):
         log(f"[sweep] relative paths of the spec resolve under {home()} (set SAE_FRONTIER_HOME to change it)")
     init_ray()
@@ -115,9 +118,6 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
     log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
 
     storage_path = resolve_path(spec.results_path)
-    tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
-    if resume:
-        tracker.check_resumable(name, spec.spec_hash())
     parent = tracker.parent_run(
         name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec.to_yaml(),
         params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
