@@ -65,7 +65,7 @@ class TrainSpec(_Strict):
     decay_fraction: float = 0.2
     aux_k: int | None = None
     aux_coef: float = 1.0 / 32.0
-    dead_tokens: int = Field(1_000_000, ge=1)
+    dead_tokens: int = Field(1_000_000, ge=1)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     report_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)

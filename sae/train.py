@@ -4,7 +4,8 @@ Per step and SAE: one dense encoder matmul, TopK / BatchTopK selection, a sparse
 Matryoshka per-group partial decodes), optional AuxK on dead latents, sparse encoder gradients
 (`SparseEncoderGrad`), decoder-gradient projection, Adam, then decoder rows back to unit norm.
 State (weights, Adam moments, dead counters, thresholds, counters) round-trips through `state_dict` so a run
-resumes bit-for-bit on the same device.
+resumes bit-for-bit on the same CPU (on CUDA, atomic adds in index_add_ and sparse coalescing make runs
+reproducible only up to float rounding).
 """
 
 from __future__ import annotations
