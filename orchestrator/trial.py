@@ -130,7 +130,8 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         concentration_top=spec.eval.concentration_top, seed=spec.eval.random_seed,
     )
     t1 = time.perf_counter()
-    report = evaluate_progressive(sae, data, opts, scorer)
+    label = f"n={point['n_latents']} k={point['k']} {point['partition']}"
+    report = evaluate_progressive(sae, data, opts, scorer, progress=lambda msg: print(f"[eval {label}] {msg}", flush=True))
     final = {
         **report.final,
         "train_seconds": train_seconds,
