@@ -54,7 +54,7 @@ def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
     url = optuna_storage_url(spec)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(optuna_storage_url(spec))
+    storage = optuna.storages.RDBStorage(url)
     return OptunaSearch(
         metric=OBJECTIVES, mode=["min", "min"], storage=storage, study_name=study_name(spec),
         sampler=optuna.samplers.NSGAIISampler(seed=spec.optuna.seed),

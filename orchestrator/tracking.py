@@ -58,9 +58,12 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def _sweep_run(self, sweep_key: str) -> str | None:
+        return self._find(f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' and tags.`{PARENT_TAG}` IS NULL")
+
     def parent_run(self, sweep_key: str, *, name: str, spec_hash: str, spec_yaml: str, params: dict[str, Any]) -> str:
         """The sweep's parent run: reused when a run with the same sweep key exists (a resumed sweep)."""
-        run_id = self._find(f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' and tags.`{PARENT_TAG}` IS NULL")
+        run_id = self._sweep_run(sweep_key)
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
@@ -74,7 +77,7 @@ class Tracker:
 
     def check_resumable(self, sweep_key: str, spec_hash: str) -> None:
         """--resume continues a sweep only with the spec it started with (trials and checkpoints depend on it)."""
-        run_id = self._find(f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' and tags.`{PARENT_TAG}` IS NULL")
+        run_id = self._sweep_run(sweep_key)
         if run_id is None:
             return
         old = self.client.get_run(run_id).data.tags.get(SPEC_HASH_TAG)
