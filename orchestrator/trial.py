@@ -24,7 +24,8 @@ from orchestrator.spec import SweepSpec, point_from_config
 from sae.checkpoint import save_sae
 from sae.config import SAEConfig
 from sae.corpus import special_ids
-from sae.evaluate import EvalData, EvalOptions, evaluate_progressive, principal_method
+from sae.evaluate import EvalData, evaluate_progressive, principal_method
+from sae.importance import latent_stats
 from sae.lm import compute_dtype_for, load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
@@ -45,6 +46,17 @@ def training_batches(store: str, spec: SweepSpec, seed: int, device: str):
     for epoch in range(spec.train.epochs):
         for batch in iter_batches(store, spec.train.batch_size, shuffle=True, seed=seed * 1009 + epoch):
             yield batch.to(device, non_blocking=True)
+
+
+def importance_sample(store: str, tokens: int, batch_size: int = 4096):
+    """A fixed, seeded sample of TRAINING activations that ranks the latents (eval tokens only score them)."""
+    got = 0
+    for batch in iter_batches(store, batch_size, shuffle=True, seed=7919):
+        if got >= tokens:
+            return
+        batch = batch[: tokens - got]
+        got += batch.shape[0]
+        yield batch
 
 
 def load_eval_data(store: str, spec: SweepSpec) -> tuple[EvalData, torch.Tensor]:
@@ -125,13 +137,12 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
     lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
     contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0])
     scorer = SpliceScorer(lm, contexts, spec.site)
-    opts = EvalOptions(
-        granularities=spec.granularities(), rsa_tokens=spec.eval.rsa_tokens, probe_features=spec.eval.probe_features,
-        concentration_top=spec.eval.concentration_top, seed=spec.eval.random_seed,
-    )
+    opts = spec.eval.options(spec.granularities())
     t1 = time.perf_counter()
+    ranking = latent_stats(sae, importance_sample(train_store, spec.eval.importance_tokens))
     label = f"n={point['n_latents']} k={point['k']} {point['partition']}"
-    report = evaluate_progressive(sae, data, opts, scorer, progress=lambda msg: print(f"[eval {label}] {msg}", flush=True))
+    report = evaluate_progressive(sae, data, opts, scorer, ranking=ranking,
+                                  progress=lambda msg: print(f"[eval {label}] {msg}", flush=True))
     final = {
         **report.final,
         "train_seconds": train_seconds,
@@ -139,6 +150,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         "train_tokens_per_second": (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
         "tokens_seen": float(trainer.tokens_seen),
         "ce_clean": scorer.ce_clean,
+        "splice_contexts": float(contexts.shape[0]),
         "ce_zero": scorer.ce_zero,
         "objective_fvu": report.at("fvu", principal_method(sae_cfg.is_matryoshka), spec.objective_granularity()),
         **{f"train_final/{k}": v for k, v in metrics.items()},
@@ -148,11 +160,11 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         save_sae(sae, bundle / "sae")
         (bundle / "plots").mkdir()
         plot_importance(report.importance, report.fit).savefig(bundle / "plots" / "power_law.png", dpi=110)
-        for metric in ("fvu", "ce_score"):
-            rows = report.curve_rows(metric)
+        for metric, rule in itertools.product(("fvu", "ce_score", "l0"), opts.rules):
+            rows = report.curve_rows(metric, rule)
             if rows:
-                plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu").savefig(
-                    bundle / "plots" / f"pruning_{metric}.png", dpi=110)
+                plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu", title=f"{metric} vs G ({rule} rule)"
+                                    ).savefig(bundle / "plots" / f"pruning_{metric}@{rule}.png", dpi=110)
         result = {
             "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
             "resolved": {"d_in": manifest.d, "input_scale": sae.cfg.input_scale, "device": device,

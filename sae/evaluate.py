@@ -1,11 +1,20 @@
 """Everything measured on held-out tokens after training: the progressive-code evaluation of one SAE.
 
-For a vanilla SAE the dictionary is ordered three ways (E[z^2], frequency, a seeded random subset) and pruned to
-each granularity G; a Matryoshka SAE is cut at its own prefixes and, for comparison, also pruned by E[z^2]. At
-every G the pruned SAE is an ordinary SAE, scored on FVU, MSE, L0 and dead latents (all eval tokens), RSA and
-CKA (a token sample), the recaptured LM loss and KL scores (spliced into the LM on a fixed set of contexts),
-and the two interpretability proxies (topic probing, token concentration). Curves come back as
-{"<metric>/<method>": [[G, value], ...]}, the layout the tracker logs as MLflow histories with step = G.
+The protocol (docs/science.md, "Evaluation protocol"):
+- Latents are ranked on TRAINING activations (`ranking`, a `LatentStats` from a fixed train sample) and every
+  reduced SAE is scored on the held-out eval tokens, so no token both orders and judges a latent.
+- A vanilla SAE is reduced three ways: by E[z^2] (`prune_ez2`), by firing frequency (`prune_freq`) and by seeded
+  random subsets (`prune_random`, mean and sd over `random_draws` draws). A Matryoshka SAE is cut at its own
+  trained group boundaries (`prefix`; inside a group the order is arbitrary, so no other G) and also pruned by
+  E[z^2].
+- Every reduced SAE is scored under both rules of `sae.prune.RULES` (`masked`: the full top-k restricted to the
+  kept latents; `reselect`: top-k among the kept latents), each with its L0.
+- FVU, MSE, L0 and dead latents use all eval tokens; RSA a seeded sample of `rsa_tokens` tokens; linear CKA all
+  eval tokens (d x d Gram form) for the methods that are spliced; the recaptured LM loss and KL (with bootstrap
+  intervals over contexts) only for `splice_methods` x `splice_rules` (the LM forward is the expensive part).
+- The interpretability proxies (`proxy/...`) for masked reduced SAEs and each Matryoshka group.
+Curves come back as {"<metric>/<method>@<rule>": [[G, value], ...]}, the layout the tracker logs as MLflow
+histories with step = G. One pass over the eval set encodes each batch once and scores every reduced SAE from it.
 """
 
 from __future__ import annotations
@@ -17,14 +26,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sae.importance import PowerLawFit, fit_power_law, latent_stats
-from sae.interp import encode_all, group_latents, interpretability_report
-from sae.metrics import ReconstructionAccumulator, dead_fraction, linear_cka, rsa
-from sae.prune import order_latents, prefix_sae, prune_sae
+from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
+from sae.interp import encode_all, group_latents, proxy_report
+from sae.metrics import ReconstructionAccumulator, linear_cka_from_grams, rsa
+from sae.prune import RULES, order_latents, reduced_code
 
-CURVE_METHODS = ("prune_ez2", "prune_freq", "prune_random", "prefix")
-# scorer(reconstruct) -> dict with ce_score and kl_score; see sae.lm.SpliceScorer
+CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
+PRIMARY_RULE = "masked"
+MONOTONE_TOLERANCE = 0.01  # a progressive code's masked FVU may rise by at most 1% from one G to the next
+# scorer(reconstruct) -> dict with ce_score, kl_score and their _lo/_hi bounds; see sae.splice.SpliceScorer
 Scorer = Callable[[Callable[[Tensor], Tensor]], dict[str, float]]
+
+
+def curve_key(metric: str, method: str, rule: str) -> str:
+    """`fvu/prefix@masked`: the rule is part of every curve's name, so MLflow shows which rule scored it."""
+    return f"{metric}/{method}@{rule}"
+
+
+def split_curve_key(key: str) -> tuple[str, str, str] | None:
+    """(metric, method, rule) of a curve key, or None for a key that is not a reduced-SAE curve."""
+    metric, _, tail = key.rpartition("/")
+    method, at, rule = tail.partition("@")
+    return (metric, method, rule) if metric and at else None
 
 
 @dataclass
@@ -58,10 +81,24 @@ class EvalData:
 @dataclass
 class EvalOptions:
     granularities: Sequence[int]
-    rsa_tokens: int = 512
+    rules: Sequence[str] = RULES
+    rsa_tokens: int = 2048
+    random_draws: int = 5
+    splice_methods: Sequence[str] = ("prefix", "prune_ez2")
+    splice_rules: Sequence[str] = (PRIMARY_RULE,)
     probe_features: int = 8
+    probe_candidates: int = 64
     concentration_top: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.rules if r not in RULES]
+        if bad or not self.rules:
+            raise ValueError(f"rules must be a non-empty subset of {list(RULES)}, got {list(self.rules)}")
+        if self.random_draws < 1:
+            raise ValueError(f"random_draws must be >= 1, got {self.random_draws}")
+        if self.rsa_tokens < 3:
+            raise ValueError(f"rsa_tokens must be >= 3, got {self.rsa_tokens}")
 
 
 @dataclass
@@ -72,14 +109,21 @@ class EvalReport:
     importance: Tensor | None = None
     fit: PowerLawFit | None = None
 
-    def curve_rows(self, metric: str) -> dict[str, list[dict[str, float]]]:
-        """{method: [{"G": g, metric: value}, ...]}: the layout sae.plots.plot_pruning_curves draws."""
-        prefix = f"{metric}/"
-        return {key.removeprefix(prefix): [{"G": g, metric: v} for g, v in pts]
-                for key, pts in self.curves.items() if key.startswith(prefix)}
+    def add(self, metric: str, method: str, rule: str, g: int, value: float) -> None:
+        if isinstance(value, int | float) and not math.isnan(value):
+            self.curves.setdefault(curve_key(metric, method, rule), []).append([g, float(value)])
 
-    def at(self, metric: str, method: str, g: int) -> float:
-        return next((v for gg, v in self.curves.get(f"{metric}/{method}", []) if gg == g), float("nan"))
+    def curve_rows(self, metric: str, rule: str = PRIMARY_RULE) -> dict[str, list[dict[str, float]]]:
+        """{method: [{"G": g, metric: value}, ...]} for one rule: the layout sae.plots.plot_pruning_curves draws."""
+        out: dict[str, list[dict[str, float]]] = {}
+        for key, pts in self.curves.items():
+            parts = split_curve_key(key)
+            if parts and parts[0] == metric and parts[2] == rule:
+                out[parts[1]] = [{"G": g, metric: v} for g, v in sorted(pts)]
+        return out
+
+    def at(self, metric: str, method: str, g: int, rule: str = PRIMARY_RULE) -> float:
+        return next((v for gg, v in self.curves.get(curve_key(metric, method, rule), []) if gg == g), float("nan"))
 
 
 def principal_method(is_matryoshka: bool) -> str:
@@ -87,59 +131,205 @@ def principal_method(is_matryoshka: bool) -> str:
     return "prefix" if is_matryoshka else "prune_ez2"
 
 
-def methods_for(sae) -> dict[str, str]:
-    """Curve name -> latent ordering measure, for this kind of SAE."""
+@dataclass
+class _Reduced:
+    """One reduced SAE: `method` keeps latents `kept` (G of them), scored by `rule`; `draw` numbers random subsets."""
+
+    method: str
+    g: int
+    rule: str
+    kept: Tensor
+    draw: int = 0
+    mask: Tensor | None = None
+    acc: ReconstructionAccumulator = field(default_factory=ReconstructionAccumulator)
+    fired: Tensor | None = None
+    grams: list[Tensor] | None = None  # [x_hat^T x_hat, x_hat^T x, sum x_hat] for CKA, when asked
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def reduced_saes(sae, ranking: LatentStats, opts: EvalOptions) -> list[_Reduced]:
+    """Every (method, G, rule[, draw]) to score, G < n only (at G = n every method is the full SAE)."""
+    n = sae.cfg.n_latents
+    gs = sorted({g for g in opts.granularities if 2 <= g < n})
+    orders: dict[str, list[Tensor]] = {}
     if sae.cfg.is_matryoshka:
-        return {"prefix": "prefix", "prune_ez2": "ez2"}
-    return {"prune_ez2": "ez2", "prune_freq": "freq", "prune_random": "random"}
+        boundaries = set(sae.cfg.partition)
+        gs_prefix = [g for g in gs if g in boundaries]
+        orders["prefix"] = [order_latents(n, "prefix")]
+        orders["prune_ez2"] = [order_latents(ranking, "ez2")]
+    else:
+        gs_prefix = []
+        orders["prune_ez2"] = [order_latents(ranking, "ez2")]
+        orders["prune_freq"] = [order_latents(ranking, "freq")]
+        orders["prune_random"] = [order_latents(n, "random", seed=opts.seed + d) for d in range(opts.random_draws)]
+    out = []
+    device = sae.W_enc.device
+    for method, draws in orders.items():
+        for g in (gs_prefix if method == "prefix" else gs):
+            for rule in opts.rules:
+                for d, order in enumerate(draws):
+                    kept = order[:g].to(device)
+                    mask = torch.zeros(n, dtype=torch.bool, device=device)
+                    mask[kept] = True
+                    out.append(_Reduced(method, g, rule, kept, d, mask, fired=torch.zeros(n, dtype=torch.bool, device=device)))
+    return out
+
+
+def _code(sae, r: _Reduced | None, pre: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    return (vals, idx) if r is None else reduced_code(sae, pre, vals, idx, r.kept, r.rule, r.mask)
+
+
+def _encode_full(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, pre = sae.pre_activations(sae.normalise(x))
+    vals, idx = sae.select(pre)
+    return pre, vals, idx
+
+
+def _reconstructor(sae, r: _Reduced | None) -> Callable[[Tensor], Tensor]:
+    """Raw activations -> the reduced SAE's raw reconstruction (what the LM splice replaces the site with)."""
+    device = sae.W_enc.device
+
+    def reconstruct(a: Tensor) -> Tensor:
+        x = a.to(device)
+        pre, vals, idx = _encode_full(sae, x)
+        return sae.decode(*_code(sae, r, pre, vals, idx)).to(a.dtype)
+
+    return reconstruct
 
 
 @torch.no_grad()
-def score_sae(sae, data: EvalData, opts: EvalOptions, scorer: Scorer | None) -> dict[str, float]:
-    """All per-granularity metrics of one (possibly pruned) SAE."""
-    was_training = sae.training
-    sae.eval()
+def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) -> dict[str, float]:
+    """One pass over the eval set: FVU, MSE, L0, dead, CKA for the full SAE and every reduced SAE; then RSA."""
+    device = sae.W_enc.device
+    n, d = sae.cfg.n_latents, sae.cfg.d_in
+    full = _Reduced("full", n, "-", torch.arange(0), fired=torch.zeros(n, dtype=torch.bool, device=device))
+    gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
+    sum_x = torch.zeros(d, dtype=torch.float64, device=device)
+    items: list[tuple[_Reduced | None, _Reduced]] = [(None, full)] + [(r, r) for r in reduced]
+    for spec, r in items:
+        if spec is None or spec.method in opts.splice_methods:
+            r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
+                       torch.zeros(d, d, dtype=torch.float64, device=device),
+                       torch.zeros(d, dtype=torch.float64, device=device)]
+    for x in data.batches():
+        x = x.to(device).float()
+        pre, vals, idx = _encode_full(sae, x)
+        gram_x += (x.T @ x).double()
+        sum_x += x.double().sum(0)
+        for spec, r in items:
+            v, i = _code(sae, spec, pre, vals, idx)
+            x_hat = sae.decode(v, i).float()
+            r.acc.update(x, x_hat, v)
+            r.fired[i[v > 0]] = True
+            if r.grams is not None:
+                r.grams[0] += (x_hat.T @ x_hat).double()
+                r.grams[1] += (x_hat.T @ x).double()
+                r.grams[2] += x_hat.double().sum(0)
+    n_tok = data.acts.shape[0]
+    sample = _sample(n_tok, opts.rsa_tokens, opts.seed)
+    x_s = data.acts[sample].to(device).float()
+    pre_s, vals_s, idx_s = _encode_full(sae, x_s)
+    for spec, r in items:
+        m = r.acc.result()
+        del m["tokens"]
+        m["dead_fraction"] = 1.0 - float(r.fired.sum()) / r.g
+        x_hat_s = sae.decode(*_code(sae, spec, pre_s, vals_s, idx_s)).float()
+        m["rsa"] = rsa(x_s, x_hat_s, n_tokens=opts.rsa_tokens, seed=opts.seed)
+        if r.grams is not None:
+            m["cka"] = linear_cka_from_grams(gram_x, sum_x, r.grams[0], r.grams[1], r.grams[2], n_tok)
+            r.grams = None
+        r.metrics = m
+    return full.metrics
+
+
+def _splice(sae, reduced: list[_Reduced], opts: EvalOptions, scorer: Scorer, full: dict[str, float],
+            progress: Callable[[str], None] | None) -> None:
+    """CE/KL scores (with context-bootstrap bounds) for the full SAE and the reduced SAEs that need them."""
+    chosen = [r for r in reduced if r.method in opts.splice_methods and r.rule in opts.splice_rules]
+    targets: list[_Reduced | None] = [None, *chosen]
+    recons = [_reconstructor(sae, r) for r in targets]
+    many = getattr(scorer, "score_many", None)
+    results = many(recons) if many is not None else [scorer(f) for f in recons]
+    for r, s in zip(targets, results, strict=True):
+        keep = {k: v for k, v in s.items() if k.startswith(("ce_score", "kl_score"))}
+        (full if r is None else r.metrics).update(keep)
+    if progress:
+        progress(f"spliced {len(targets)} reconstructions into the LM")
+
+
+def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, report: EvalReport) -> None:
+    """Interpretability proxies of masked reduced SAEs (their codes are the full code restricted to the kept
+    latents) and of each Matryoshka group, all from one encoding of the eval set."""
+    vals, idx = encode_all(sae, data.batches())
+    n = sae.cfg.n_latents
+    freq = torch.bincount(idx[vals > 0], minlength=n).double() / vals.shape[0]
+    labels = data.labels
+
+    def proxy(latents: Tensor) -> dict[str, float]:
+        return proxy_report(vals, idx, data.token_ids, n, latents=latents.cpu(), freq=freq, labels=labels,
+                            doc_ids=data.doc_ids, top=opts.concentration_top, k_features=opts.probe_features,
+                            candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.seed)
+
+    for r in reduced:
+        if r.rule == PRIMARY_RULE and r.draw == 0 and r.method in opts.splice_methods:
+            for key, value in proxy(r.kept).items():
+                report.add(f"proxy/{key}", r.method, r.rule, r.g, value)
+    for key, value in proxy(torch.arange(n)).items():
+        report.final[f"proxy/{key}"] = value
+    if sae.cfg.is_matryoshka:
+        for i, latents in enumerate(group_latents(sae.cfg.partition)):
+            for key, value in proxy(latents).items():
+                report.final[f"proxy/group{i}/{key}"] = value
+
+
+def _log_curves(sae, reduced: list[_Reduced], full: dict[str, float], report: EvalReport) -> None:
+    """Curves per (method, rule); random draws become their mean (`<metric>`) and sd (`<metric>_std`)."""
+    groups: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    for r in reduced:
+        groups.setdefault((r.method, r.g, r.rule), []).append(r.metrics)
+    for (method, g, rule), runs in groups.items():
+        for metric in runs[0]:
+            values = torch.tensor([m[metric] for m in runs if metric in m], dtype=torch.float64)
+            report.add(metric, method, rule, g, float(values.mean()))
+            if len(runs) > 1:
+                report.add(f"{metric}_std", method, rule, g, float(values.std(correction=1)))
+    n = sae.cfg.n_latents
+    principal = principal_method(sae.cfg.is_matryoshka)
+    metrics_of: dict[tuple[str, str], set[str]] = {}
+    for r in reduced:
+        metrics_of.setdefault((r.method, r.rule), set()).update(r.metrics)
+    for rule in {r.rule for r in reduced} or {PRIMARY_RULE}:
+        metrics_of.setdefault((principal, rule), set(full))
+    for (method, rule), names in metrics_of.items():  # G = n: every method keeps the whole dictionary
+        for metric in names & set(full):
+            report.add(metric, method, rule, n, full[metric])
+
+
+def monotone_fvu(report: EvalReport, method: str, tolerance: float = MONOTONE_TOLERANCE) -> bool:
+    """True if the masked FVU of `method` never rises (beyond `tolerance`, relative) as G grows.
+
+    A progressive code that fails this is undertrained (its outer latents hurt): docs/science.md says why a
+    comparison involving it is not a verdict.
+    """
+    pts = sorted(report.curves.get(curve_key("fvu", method, PRIMARY_RULE), []))
+    return all(b <= a * (1 + tolerance) for (_, a), (_, b) in zip(pts, pts[1:], strict=False))
+
+
+def _spectrum(sae, ranking: LatentStats, report: EvalReport) -> None:
+    """The decoder spectrum has one value per eigen-direction, not per latent: logged as its own curves."""
+    for name, weights in (("eigenvalue", ranking.mean_sq), ("eigenvalue_unweighted", None)):
+        eig = decoder_spectrum(sae, weights=weights if weights is None or float(weights.sum()) > 0 else None)
+        report.curves[f"spectrum/{name}"] = [[r + 1, float(v)] for r, v in enumerate(eig.tolist()) if v > 0]
+    eig = torch.tensor([v for _, v in report.curves["spectrum/eigenvalue"]], dtype=torch.float64)
     try:
-        device = sae.W_enc.device
-        acc = ReconstructionAccumulator()
-        fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=device)
-        vals_all, idx_all = encode_all(sae, data.batches())
-        for x, v, i in zip(data.batches(), vals_all.split(data.batch_size), idx_all.split(data.batch_size), strict=True):
-            v, i = v.to(device), i.to(device)
-            acc.update(x.to(device), sae.decode(v, i), v)
-            fired[i[v > 0]] = True
-        out = acc.result()
-        out["dead_fraction"] = dead_fraction(fired.float())
-        sample = _sample(data.acts.shape[0], opts.rsa_tokens, opts.seed)
-        x_s = data.acts[sample].to(device)
-        x_hat_s = sae(x_s)
-        out["rsa"] = rsa(x_s, x_hat_s, n_tokens=opts.rsa_tokens, seed=opts.seed)
-        out["cka"] = linear_cka(x_s, x_hat_s)
-        if scorer is not None:
-            s = scorer(lambda a: sae(a.to(device)).to(a.dtype))
-            out["ce_score"], out["kl_score"] = s["ce_score"], s["kl_score"]
-        interp = _interpretability(vals_all, idx_all, data, sae.cfg.n_latents, torch.arange(sae.cfg.n_latents), opts)
-        out["token_conc"] = interp["token_concentration_mean"]
-        if "probe_accuracy" in interp:
-            out["probe_acc"], out["probe_lift"] = interp["probe_accuracy"], interp["probe_lift"]
-        return out
-    finally:
-        sae.train(was_training)
+        fit = fit_power_law(eig)
+    except ValueError:
+        return
+    report.final.update({f"spectrum_fit/{k}": float(v) for k, v in fit.as_dict().items() if _numeric(v)})
 
 
-def _interpretability(vals: Tensor, idx: Tensor, data: EvalData, n_latents: int, latents: Tensor,
-                      opts: EvalOptions) -> dict[str, float]:
-    """Token concentration always; the topic probe (pooled per document) when the data are labelled and hold
-    enough documents of at least two topics to split into train and test halves."""
-    kwargs = dict(latents=latents, top=opts.concentration_top, k_features=opts.probe_features, seed=opts.seed)
-    if data.labels is not None:
-        try:
-            return interpretability_report(vals, idx, data.token_ids, n_latents, labels=data.labels,
-                                           context_ids=data.doc_ids, **kwargs)
-        except ValueError as err:
-            if "too few examples" not in str(err) and "single class" not in str(err):
-                raise
-    return interpretability_report(vals, idx, data.token_ids, n_latents, **kwargs)
+def _numeric(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _sample(n: int, m: int, seed: int) -> Tensor:
@@ -149,42 +339,37 @@ def _sample(n: int, m: int, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer | None = None,
-                         progress: Callable[[str], None] | None = None) -> EvalReport:
-    """Importance, power law and every pruning / prefix curve of one trained SAE."""
-    report = EvalReport()
-    stats = latent_stats(sae, data.batches())
-    fit = fit_power_law(stats.mean_sq)
-    report.importance = stats.mean_sq.cpu()
-    report.fit = fit
-    report.power_law = fit.as_dict()
-    full = score_sae(sae, data, opts, scorer)
-    report.final.update(full)
-    report.final.update({f"power_law/{k}": v for k, v in fit.as_dict().items() if isinstance(v, int | float)})
-    report.final["power_law/prefers_power_law"] = float(fit.preferred == "power_law")
-    n = sae.cfg.n_latents
-    gs = [g for g in opts.granularities if 2 <= g <= n]
-    for method, measure in methods_for(sae).items():
-        order = order_latents(stats if measure in ("ez2", "freq") else n, measure, seed=opts.seed)
-        for g in gs:
-            # at G = n every ordering keeps the whole dictionary: the full SAE itself
-            sub = sae if g == n else (prefix_sae(sae, g) if measure == "prefix" else prune_sae(sae, order[:g]))
-            metrics = full if sub is sae else score_sae(sub, data, opts, scorer)
-            for key, value in metrics.items():
-                if isinstance(value, float) and not math.isnan(value):
-                    report.curves.setdefault(f"{key}/{method}", []).append([g, value])
-            if progress:
-                progress(f"{method} G={g}: fvu={metrics['fvu']:.4f}")
-    if sae.cfg.is_matryoshka:
-        _group_interpretability(sae, data, opts, report)
-    return report
+def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer | None = None, *,
+                         ranking: LatentStats, progress: Callable[[str], None] | None = None) -> EvalReport:
+    """Importance, power law and every reduced-SAE curve of one trained SAE (see the module docstring).
 
-
-def _group_interpretability(sae, data: EvalData, opts: EvalOptions, report: EvalReport) -> None:
-    """Claim 4: token concentration (and probing) of each Matryoshka group, innermost first."""
-    vals, idx = encode_all(sae, data.batches())
-    for i, latents in enumerate(group_latents(sae.cfg.partition)):
-        r = _interpretability(vals, idx, data, sae.cfg.n_latents, latents, opts)
-        report.final[f"group{i}/token_conc"] = r["token_concentration_mean"]
-        if "probe_accuracy" in r:
-            report.final[f"group{i}/probe_acc"] = r["probe_accuracy"]
+    ranking: latent statistics measured on training activations (`latent_stats(sae, train_sample)`), which
+    order the latents; the eval data only scores them.
+    """
+    if ranking.n_latents != sae.cfg.n_latents:
+        raise ValueError(f"ranking has {ranking.n_latents} latents but the SAE has {sae.cfg.n_latents}")
+    was_training = sae.training
+    sae.eval()
+    try:
+        report = EvalReport(importance=ranking.mean_sq.cpu())
+        fit = fit_power_law(ranking.mean_sq, freq=ranking.freq, tokens=ranking.tokens)
+        report.fit, report.power_law = fit, fit.as_dict()
+        report.final.update({f"power_law/{k}": float(v) for k, v in report.power_law.items() if _numeric(v)})
+        report.final["power_law/preferred_power_law"] = float(fit.preferred == "power_law")
+        reduced = reduced_saes(sae, ranking, opts)
+        full = _score_all(sae, data, reduced, opts)
+        if progress:
+            progress(f"scored {len(reduced)} reduced SAEs ({', '.join(opts.rules)}): full fvu={full['fvu']:.4f}")
+        if scorer is not None:
+            _splice(sae, reduced, opts, scorer, full, progress)
+        report.final.update(full)
+        _log_curves(sae, reduced, full, report)
+        _proxies(sae, data, reduced, opts, report)
+        _spectrum(sae, ranking, report)
+        report.final["monotone_fvu"] = float(monotone_fvu(report, principal_method(sae.cfg.is_matryoshka)))
+        if progress:
+            pts = report.curve_rows("fvu").get(principal_method(sae.cfg.is_matryoshka), [])
+            progress("masked fvu by G: " + ", ".join(f"{int(p['G'])}:{p['fvu']:.4f}" for p in pts))
+        return report
+    finally:
+        sae.train(was_training)

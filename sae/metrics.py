@@ -161,7 +161,16 @@ def linear_cka(x: Tensor, x_hat: Tensor) -> float:
     transforms and isotropic scaling of either side; 0 if either side is constant.
     """
     x64, xh64 = _check_pair(x, x_hat)
-    a, b = x64 - x64.mean(0), xh64 - xh64.mean(0)
-    cross = (b.T @ a).pow(2).sum()
-    denom = (a.T @ a).norm() * (b.T @ b).norm()
-    return float(cross / denom) if denom > 0 else 0.0
+    return linear_cka_from_grams(x64.T @ x64, x64.sum(0), xh64.T @ xh64, xh64.T @ x64, xh64.sum(0), x64.shape[0])
+
+
+def linear_cka_from_grams(gram_x: Tensor, sum_x: Tensor, gram_y: Tensor, cross_yx: Tensor, sum_y: Tensor,
+                          tokens: int) -> float:
+    """Linear CKA from uncentred sums over N tokens (X^T X, sum x, Y^T Y, Y^T X, sum y), so it streams over
+    batches: CKA over every eval token costs O(N d^2) time and O(d^2) memory, never an N x N matrix."""
+    mx, my = sum_x.double() / tokens, sum_y.double() / tokens
+    a = gram_x.double() - tokens * torch.outer(mx, mx)
+    b = gram_y.double() - tokens * torch.outer(my, my)
+    c = cross_yx.double() - tokens * torch.outer(my, mx)
+    denom = a.norm() * b.norm()
+    return float(c.pow(2).sum() / denom) if denom > 0 else 0.0

@@ -1,33 +1,33 @@
-"""Subset pruning: keep the G most important latents of an SAE as a standalone SAE of size G.
+"""Subset pruning: keep G latents of an SAE, either as a standalone SAE or as a scoring rule on the full code.
 
-A pruned SAE keeps the chosen encoder columns, b_enc entries and decoder rows (in the order given, so its own
-prefixes are again importance-ordered) and the shared b_dec, input_scale and threshold. Its TopK picks the
-top k among the kept latents only. Config changes, because SAEConfig needs 0 < k < n_latents:
+Two scoring rules for a reduced SAE that keeps latents `keep` (see docs/science.md, "Scoring rules"):
+- `masked`: the full SAE's selection, with every latent outside `keep` zeroed. This is how a Matryoshka SAE is
+  trained and scored (each prefix reconstructs from the full top-k restricted to the prefix), so L0 at G is
+  below k. It needs nothing but the full SAE's code, so one encoding of the eval set serves every G.
+- `reselect`: the top k among the kept latents only (k becomes min(k, G - 1)); exactly what the standalone SAE
+  `prune_sae(sae, keep)` computes, so L0 = k.
+The two rules can put a Matryoshka prefix on either side of a pruned vanilla SAE, which is why both are logged
+with their L0.
+
+A standalone pruned SAE keeps the chosen encoder columns, b_enc entries and decoder rows (in the order given,
+so its own prefixes are again importance-ordered) and the shared b_dec, input_scale and threshold. Config
+changes, because SAEConfig needs 0 < k < n_latents:
 - k becomes min(cfg.k, G - 1), so G must be >= 2;
 - a Matryoshka partition survives only for a prefix keep (arange(G)): boundaries < G plus G, with their
   group weights; any other subset mixes groups, so the partition (and group_weights) is dropped. A partition
   that collapses to one group is dropped too (the result is an ordinary SAE).
-
-`pruning_curve` evaluates many G in one pass over the data: the full pre-activations are computed once per
-batch, permuted into importance order, and each G selects from its prefix, which is exactly what the pruned
-SAE would compute (tests check this against `prune_sae(...).encode`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from sae.config import SAEConfig
 from sae.importance import LatentStats
-from sae.metrics import ReconstructionAccumulator
 
 ORDERINGS = ("ez2", "freq", "random")  # importance orderings for a vanilla SAE (claim 3)
 MEASURES = (*ORDERINGS, "prefix")  # "prefix" = identity order, the natural one for a Matryoshka SAE
-
-BatchSource = Callable[[], Iterable[Tensor]] | Sequence[Tensor] | Tensor
 
 
 def order_latents(stats: LatentStats | int, measure: str, seed: int = 0) -> Tensor:
@@ -101,68 +101,33 @@ def prefix_sae(sae, G: int):
     return prune_sae(sae, torch.arange(G))
 
 
-def _iter_batches(batches: BatchSource) -> Iterable[Tensor]:
-    if isinstance(batches, Tensor):
-        return [batches]
-    if callable(batches):
-        return batches()
-    return batches
+RULES = ("masked", "reselect")
 
 
-def _select(pre_prefix: Tensor, k: int, architecture: str, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """The pruned SAE's eval-mode selection on its own pre-activations (see SparseAutoencoder.select)."""
-    if architecture == "topk":
-        vals, idx = pre_prefix.topk(k, dim=1, sorted=False)
-        return vals.float().clamp_min_(0), idx
-    pre = pre_prefix.float()
-    active = pre > threshold.clamp_min(0)
-    width = max(1, int(active.sum(1).max()))
-    return pre.masked_fill(~active, 0).topk(width, dim=1, sorted=False)
+def reduced_code(sae, pre: Tensor, full_vals: Tensor, full_idx: Tensor, kept: Tensor, rule: str,
+                 kept_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The code (values, indices into the FULL dictionary) of the SAE reduced to latents `kept`, by `rule`.
 
-
-@torch.no_grad()
-def pruning_curve(sae, batches_factory: BatchSource, Gs: Sequence[int], order: Tensor) -> list[dict[str, float]]:
-    """Per G in `Gs` (keeping `order[:G]`): dict(G, k, fvu, mse, l0, dead_fraction, tokens), in the order of Gs.
-
-    `batches_factory` is a callable returning a fresh iterator of raw batches [B, d], or a list of tensors;
-    it is iterated once. The SAE is evaluated in eval mode (BatchTopK: threshold rule) and restored after.
-    `dead_fraction` is the share of the G kept latents that never fired in the window.
+    pre: the full SAE's dense pre-activations [B, n]; full_vals/full_idx: its own selection of them (what
+    `sae.select(pre)` returns in eval mode). `kept_mask` (bool [n], True on `kept`) may be passed to save
+    rebuilding it per batch. Decode with the full SAE: `sae.decode(values, indices)` equals what the standalone
+    `prune_sae(sae, kept)` reconstructs under `reselect` (tests check this).
     """
-    n = sae.cfg.n_latents
-    Gs = [int(g) for g in Gs]
-    if not Gs:
-        raise ValueError("Gs must list at least one latent count")
-    bad = [g for g in Gs if not 2 <= g <= n]
-    if bad:
-        raise ValueError(f"Gs must each lie in [2, n_latents={n}], got {bad}")
-    g_max = max(Gs)
-    order = torch.as_tensor(order).reshape(-1).to(torch.long)
-    if order.numel() < g_max:
-        raise ValueError(f"order must rank at least max(Gs) = {g_max} latents, got {order.numel()}")
-    _check_keep(order[:g_max], n, name="order")
-    device = sae.W_enc.device
-    kept = order[:g_max].to(device)
-    ks = [min(sae.cfg.k, g - 1) for g in Gs]
-    accs = [ReconstructionAccumulator() for _ in Gs]
-    fired = [torch.zeros(g, dtype=torch.bool, device=device) for g in Gs]
-    was_training = sae.training
-    sae.eval()
-    try:
-        for x in _iter_batches(batches_factory):
-            x = x.reshape(-1, x.shape[-1]).to(device)
-            if x.shape[0] == 0:
-                continue
-            _, pre = sae.pre_activations(sae.normalise(x))
-            pre = pre[:, kept]  # importance order; each G uses the prefix [:, :G]
-            for i, (g, k) in enumerate(zip(Gs, ks, strict=True)):
-                vals, idx = _select(pre[:, :g], k, sae.cfg.architecture, sae.threshold)
-                x_hat = sae.decode(vals, kept[idx])
-                accs[i].update(x, x_hat, vals)
-                fired[i][idx[vals > 0]] = True
-    finally:
-        sae.train(was_training)
-    rows = []
-    for g, k, acc, f in zip(Gs, ks, accs, fired, strict=True):
-        r = acc.result()
-        rows.append({"G": g, "k": k, **r, "dead_fraction": 1.0 - float(f.float().mean())})
-    return rows
+    if rule == "masked":
+        if kept_mask is None:
+            kept_mask = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=full_idx.device)
+            kept_mask[kept] = True
+        return full_vals * kept_mask[full_idx], full_idx
+    if rule != "reselect":
+        raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+    sub = pre.index_select(1, kept)
+    g = kept.numel()
+    if sae.cfg.architecture == "topk":
+        vals, idx = sub.topk(min(sae.cfg.k, g - 1), dim=1, sorted=False)
+        vals = vals.to(full_vals.dtype).clamp_min_(0)
+    else:  # BatchTopK's inference threshold is per token and latent, so this equals the masked code
+        sub = sub.to(full_vals.dtype)
+        active = sub > sae.threshold.clamp_min(0)
+        width = max(1, int(active.sum(1).max()))
+        vals, idx = sub.masked_fill(~active, 0).topk(width, dim=1, sorted=False)
+    return vals, kept[idx]

@@ -8,7 +8,7 @@ from sae.config import SAEConfig, TrainConfig
 from sae.importance import LatentStats, fit_power_law, latent_stats
 from sae.model import SparseAutoencoder
 from sae.plots import plot_importance, plot_pruning_curves
-from sae.prune import order_latents, prefix_sae, prune_sae, pruned_config, pruning_curve
+from sae.prune import RULES, order_latents, prefix_sae, prune_sae, pruned_config, reduced_code
 
 GS = [8, 16, 32, 64]
 
@@ -36,50 +36,87 @@ def trained():
     return sae, [ev[i : i + 1024] for i in range(0, 4096, 1024)]
 
 
+@torch.no_grad()
+def _rule_curve(sae, x, order, Gs, rule):
+    """[(fvu, l0)] of the reduced SAEs keeping order[:G], scored by `rule` through reduced_code."""
+    _, pre = sae.pre_activations(sae.normalise(x))
+    vals, idx = sae.select(pre)
+    out = []
+    for g in Gs:
+        v, i = reduced_code(sae, pre, vals, idx, order[:g], rule)
+        out.append(_fvu_l0(x, sae.decode(v, i), v))
+    return out
+
+
+def _fvu_l0(x, x_hat, v):
+    err = float(((x.double() - x_hat.double()) ** 2).sum())
+    var = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    return err / var, float((v > 0).sum(1).double().mean())
+
+
 @pytest.mark.slow
-def test_ez2_pruning_beats_random_at_every_G(trained, tmp_path):
+def test_ez2_pruning_beats_random_at_every_G_under_both_rules(trained, tmp_path):
     sae, ev = trained
+    x = torch.cat(ev)
     stats = latent_stats(sae, ev)
-    curves = {m: pruning_curve(sae, lambda: iter(ev), GS, order_latents(stats, m, seed=0)) for m in ("ez2", "random")}
-    for by_ez2, by_random in zip(curves["ez2"], curves["random"], strict=True):
-        assert by_ez2["G"] == by_random["G"]
-        assert by_ez2["fvu"] < by_random["fvu"] - 0.03, (by_ez2, by_random)
-    assert [r["fvu"] for r in curves["ez2"]] == sorted((r["fvu"] for r in curves["ez2"]), reverse=True)
-    assert all(r["l0"] <= r["k"] == 4 for r in curves["ez2"])
-    fig = plot_pruning_curves(curves)
+    for rule in RULES:
+        by_ez2 = _rule_curve(sae, x, order_latents(stats, "ez2"), GS, rule)
+        by_random = _rule_curve(sae, x, order_latents(stats, "random", seed=0), GS, rule)
+        for (f_ez2, _), (f_rand, _) in zip(by_ez2, by_random, strict=True):
+            assert f_ez2 < f_rand - 0.03, (rule, by_ez2, by_random)
+        assert [f for f, _ in by_ez2] == sorted((f for f, _ in by_ez2), reverse=True)
+    fig = plot_pruning_curves({"ez2": [{"G": g, "fvu": f} for g, (f, _) in zip(GS, by_ez2, strict=True)]})
     fig.savefig(tmp_path / "curves.png")
     plot_importance(stats.mean_sq, fit_power_law(stats.mean_sq)).savefig(tmp_path / "importance.png")
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "importance.png").stat().st_size > 0
 
 
 @pytest.mark.slow
-def test_fast_curve_equals_evaluating_each_pruned_sae(trained):
+def test_reselect_rule_equals_the_standalone_pruned_sae(trained):
     sae, ev = trained
+    x = torch.cat(ev)
     order = order_latents(latent_stats(sae, ev), "ez2")
     Gs = [3, 4, 5, 40, 128]  # G <= k forces k = G - 1
-    fast = pruning_curve(sae, ev, Gs, order)
-    x = torch.cat(ev)
-    for row, G in zip(fast, Gs, strict=True):
+    for (fvu, l0), G in zip(_rule_curve(sae, x, order, Gs, "reselect"), Gs, strict=True):
         small = prune_sae(sae, order[:G])
-        assert small.cfg.n_latents == G and small.cfg.k == row["k"] == min(4, G - 1)
-        fvu, l0 = _evaluate(small, x)
-        assert row["fvu"] == pytest.approx(fvu, rel=1e-5) and row["l0"] == pytest.approx(l0, rel=1e-9)
+        assert small.cfg.n_latents == G and small.cfg.k == min(4, G - 1)
+        assert (fvu, l0) == pytest.approx(_evaluate(small, x), rel=1e-5)
 
 
-def test_batchtopk_curve_uses_threshold_rule():
+def test_two_rules_give_the_expected_L0():
+    """A known answer: with k = 4 and the full top-4 of every token inside latents 0..3 of 8, keeping latents
+    {0, 1} leaves 2 per token under `masked` (L0 = 2) and re-selects min(k, G-1) = 1 under `reselect`; keeping
+    {4, 5, 6} gives L0 = 0 (masked: none of the full picks survive) and 2 (reselect picks among 4..6)."""
+    cfg = SAEConfig(d_in=8, n_latents=8, k=4)
+    sae = SparseAutoencoder.from_config(cfg, seed=0).eval()
+    pre = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, -1.0]]).repeat(5, 1)
+    vals, idx = sae.select(pre)
+    cases = {(0, 1): (2.0, 1.0), (4, 5, 6): (0.0, 2.0)}
+    for keep, (l0_masked, l0_reselect) in cases.items():
+        kept = torch.tensor(keep)
+        got = {r: float((reduced_code(sae, pre, vals, idx, kept, r)[0] > 0).sum(1).double().mean()) for r in RULES}
+        assert got == {"masked": l0_masked, "reselect": l0_reselect}, keep
+        v, i = reduced_code(sae, pre, vals, idx, kept, "reselect")
+        assert set(i.unique().tolist()) <= set(keep)  # indices stay in the full dictionary's numbering
+    with pytest.raises(ValueError, match="rule must be one of"):
+        reduced_code(sae, pre, vals, idx, torch.tensor([0, 1]), "median")
+
+
+def test_batchtopk_rules_agree_under_the_threshold():
+    """BatchTopK's inference rule is a per-latent threshold: restricting it to kept latents is the masked code."""
     cfg = SAEConfig(d_in=10, n_latents=40, k=3, architecture="batchtopk")
-    sae = SparseAutoencoder.from_config(cfg, seed=2)
+    sae = SparseAutoencoder.from_config(cfg, seed=2).eval()
     with torch.no_grad():
         sae.b_enc.fill_(-0.3)
         sae.threshold.fill_(0.4)
     x = torch.randn(200, 10, generator=torch.Generator().manual_seed(1))
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
-    rows = pruning_curve(sae.train(), [x[:120], x[120:]], [5, 20, 40], order)
-    assert sae.training  # mode restored
-    for row in rows:
-        fvu, l0 = _evaluate(prune_sae(sae, order[: row["G"]]).eval(), x)
-        assert row["fvu"] == pytest.approx(fvu, rel=1e-5) and row["l0"] == pytest.approx(l0, rel=1e-9)
-    assert rows[0]["l0"] < rows[-1]["l0"]
+    masked = _rule_curve(sae, x, order, [5, 20, 40], "masked")
+    reselect = _rule_curve(sae, x, order, [5, 20, 40], "reselect")
+    for a, b in zip(masked, reselect, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert reselect[0] == pytest.approx(_evaluate(prune_sae(sae, order[:5]).eval(), x), rel=1e-5)
+    assert masked[0][1] < masked[-1][1]
 
 
 def test_pruned_topk_competes_among_kept_latents_only():
