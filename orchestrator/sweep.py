@@ -18,7 +18,15 @@ import pandas as pd
 import ray
 from ray import tune
 
-from orchestrator.frontier import compare_experiments_figure, compute_frontier, frontier_table, plot_frontier
+from orchestrator.frontier import (
+    compare_experiments_figure,
+    compute_frontier,
+    describe_activations,
+    frontier_table,
+    matched_l0,
+    plot_frontier,
+    save_figure,
+)
 from orchestrator.harvest import HarvestConfig, harvest
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, read_bytes, storage_fs, write_atomic
@@ -185,15 +193,28 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
 def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        points.to_csv(out / "curve_points.csv", index=False)
-        frontier.to_csv(out / "frontier.csv", index=False)
-        if not points.empty:
-            plot_frontier(points, frontier, title=title).savefig(out / "frontier.png", dpi=110)
+        write_frontier_files(out, points, frontier, title)
         tracker.log_artifacts(run_id, out, "frontier")
 
 
+def write_frontier_files(out: Path, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:
+    """curve_points.csv, frontier.csv (per G), matched_l0.csv (every scoring rule present) and frontier.png."""
+    points.to_csv(out / "curve_points.csv", index=False)
+    frontier.to_csv(out / "frontier.csv", index=False)
+    rules = sorted(points["rule"].dropna().unique()) if "rule" in points else []
+    if rules:
+        pd.concat([matched_l0(points, rule=r) for r in rules], ignore_index=True).to_csv(out / "matched_l0.csv",
+                                                                                      index=False)
+    if not points.empty:
+        save_figure(plot_frontier(points, frontier, title=title), out / "frontier.png")
+
+
 def compare(experiments: list[str], tracking_uri: str, out_dir: str) -> tuple[pd.DataFrame, Path]:
-    """Frontiers of earlier sweeps side by side, from MLflow alone (nothing is trained)."""
+    """Frontiers of earlier sweeps side by side, from MLflow alone (nothing is trained).
+
+    Runs are ranked only against runs on the same activations: the frontier, the matched-L0 table and the plots
+    are split by activations group (`activations` column); `activations.txt` says which fields tell groups apart.
+    """
     tracker = Tracker(tracking_uri, experiments[0])
     points = tracker.curve_points(experiments)
     if points.empty:
@@ -201,9 +222,9 @@ def compare(experiments: list[str], tracking_uri: str, out_dir: str) -> tuple[pd
     frontier = compute_frontier(points)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frontier.to_csv(out / "frontier.csv", index=False)
-    plot_frontier(points, frontier, title=" vs ".join(experiments)).savefig(out / "frontier.png", dpi=110)
-    compare_experiments_figure(points).savefig(out / "compare.png", dpi=110)
+    write_frontier_files(out, points, frontier, title=" vs ".join(experiments))
+    save_figure(compare_experiments_figure(points), out / "compare.png")
+    (out / "activations.txt").write_text(describe_activations(points) + "\n")
     (out / "experiments.json").write_text(json.dumps(experiments))
     return frontier, out
 

@@ -144,9 +144,11 @@ class Tracker:
 
     # ---- reading (for the frontier) ---------------------------------------------------------------------------
     def curve_points(self, experiment_names: list[str], parent_id: str | None = None) -> pd.DataFrame:
-        """Every (child run, curve, G) point of finished trials, one row each, for frontier computations.
+        """Every (child run, method, scoring rule, G) point of finished trials, one row each, for the frontier.
 
-        With `parent_id`, only the trials of that sweep.
+        Columns: POINT_COLUMNS, the parent sweep's ACTIVATION_PARAMS (None where an older sweep lacks one), then
+        one column per curve metric (fvu, l0, ce_score, ce_score_lo, proxy/token_conc, ...). With `parent_id`,
+        only the trials of that sweep.
         """
         ids = []
         for name in experiment_names:
@@ -157,26 +159,35 @@ class Tracker:
         query = "tags.`sae_frontier.kind` = 'trial' and attributes.status = 'FINISHED'"
         if parent_id:
             query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+        exp_names = dict(zip(ids, experiment_names, strict=True))
+        identities: dict[str | None, dict[str, str | None]] = {}
         rows = []
         for run in self.client.search_runs(ids, filter_string=query, max_results=5000):
-            p, exp_name = run.data.params, self.client.get_experiment(run.info.experiment_id).name
-            keys = [k for k in run.data.metrics if k.partition("/")[2] in CURVE_METHODS]
-            history = {key: {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)} for key in keys}
-            methods = {key.split("/", 1)[1] for key in keys}
-            for method in methods:
-                steps = sorted(history.get(f"fvu/{method}", {}))
-                for g in steps:
-                    row = {
-                        "experiment": exp_name, "run_id": run.info.run_id, "run_name": run.info.run_name,
-                        "n_latents": int(p["n_latents"]), "k": int(p["k"]), "architecture": p["architecture"],
-                        "partition": p["partition"], "seed": int(p["seed"]), "method": method, "G": int(g),
-                    }
-                    for key, values in history.items():
-                        metric, m = key.split("/", 1)
-                        if m == method and g in values:
-                            row[metric] = values[g]
-                    rows.append(row)
-        return pd.DataFrame(rows)
+            parent = run.data.tags.get(PARENT_TAG)
+            if parent not in identities:
+                identities[parent] = self._activations_identity(parent)
+            p = run.data.params
+            base = {
+                "experiment": exp_names[run.info.experiment_id], "run_id": run.info.run_id, "parent_run_id": parent,
+                "run_name": run.info.run_name, "n_latents": int(p["n_latents"]), "k": int(p["k"]),
+                "architecture": p["architecture"], "partition": p["partition"], "seed": int(p["seed"]),
+            }
+            by_point: dict[tuple[str, str, int], dict[str, float]] = {}
+            for key in run.data.metrics:
+                parsed = parse_curve_key(key)
+                if parsed is None:
+                    continue
+                metric, method, rule = parsed
+                for m in self.client.get_metric_history(run.info.run_id, key):
+                    by_point.setdefault((method, rule, int(m.step)), {})[metric] = m.value
+            for (method, rule, g), metrics in sorted(by_point.items()):
+                rows.append({**base, "method": method, "rule": rule, "G": g, **identities[parent], **metrics})
+        return pd.DataFrame(rows, columns=None if rows else [*POINT_COLUMNS, *ACTIVATION_PARAMS])
+
+    def _activations_identity(self, parent_id: str | None) -> dict[str, str | None]:
+        """The parent sweep's params naming its activations; None for those an older sweep did not log."""
+        params = self.client.get_run(parent_id).data.params if parent_id else {}
+        return {name: params.get(name) for name in ACTIVATION_PARAMS}
 
     def runs_of(self, parent_id: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=5000)
@@ -184,6 +195,41 @@ class Tracker:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+POINT_COLUMNS = ("experiment", "run_id", "parent_run_id", "run_name", "n_latents", "k", "architecture", "partition",
+                 "seed", "method", "rule", "G")
+ACTIVATION_PARAMS = ("model", "revision", "site", "corpus", "train_tokens", "activations_key")
+LEGACY_RULE = "reselect"  # curves logged before scoring rules existed re-selected the top k among kept latents
+RULE_SEP = "@"  # the contract's curve key: <metric>/<method>@<rule>
+# MLflow refuses '@' in metric names (it allows [/\w.\- :], and ':' not on Windows): a curve is stored as
+# <metric>/<method>.<rule>; see mlflow_metric_key
+MLFLOW_RULE_SEP = "."
+STORED_RULES = ("masked", "reselect")  # the rules a '.'-separated tail may name (guards against other dotted keys)
+
+
+def mlflow_metric_key(key: str) -> str:
+    """The contract's curve key as MLflow can store it: `fvu/prefix@masked` -> `fvu/prefix.masked`."""
+    metric, sep, tail = key.rpartition("/")
+    return f"{metric}{sep}{tail.replace(RULE_SEP, MLFLOW_RULE_SEP)}"
+
+
+def parse_curve_key(key: str) -> tuple[str, str, str] | None:
+    """A curve key -> (metric, method, rule); the metric may contain '/'. None if the key is not a curve.
+
+    Reads the contract's `<metric>/<method>@<rule>`, its stored form `<metric>/<method>.<rule>`, and the legacy
+    `<metric>/<method>` (a known curve method) as the `reselect` rule it was scored with.
+    """
+    metric, sep, tail = key.rpartition("/")
+    if not sep or not metric:
+        return None
+    method, at, rule = tail.partition(RULE_SEP)
+    if at:
+        return (metric, method, rule) if method and rule else None
+    method, dot, rule = tail.rpartition(MLFLOW_RULE_SEP)
+    if dot and method and rule in STORED_RULES:
+        return metric, method, rule
+    return (metric, tail, LEGACY_RULE) if tail in CURVE_METHODS else None
 
 
 class MLflowSweepCallback(tune.Callback):

@@ -41,13 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "storage": args.storage}.items() if v}
     if args.compare:
+        import pandas as pd
+
+        from orchestrator.frontier import L0_BINS_PER_OCTAVE, PRIMARY_RULE, matched_l0_table
         from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri, resolve_path
         from orchestrator.sweep import compare, frontier_table
 
         uri = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
         frontier, out = compare(args.compare, uri, resolve_path(args.out))
+        print(f"activations: {(out / 'activations.txt').read_text().strip()}")
+        print(f"\n=== frontier (size vs FVU, Pareto per G, {PRIMARY_RULE} rule) ===")
         print(frontier_table(frontier))
-        print(f"\nfrontier plots and table: {out}")
+        print(f"\n=== matched L0: best FVU per L0 bin (log-spaced, {L0_BINS_PER_OCTAVE} per doubling of L0), "
+              "pruned vanilla vs Matryoshka, per scoring rule ===")
+        matched = out / "matched_l0.csv"
+        print(matched_l0_table(pd.read_csv(matched)) if matched.exists() else "(no scoring rules in the runs)")
+        print(f"\nfrontier plots and tables: {out}")
         return 0
     try:
         spec = load_spec(args.spec, overrides)
