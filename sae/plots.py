@@ -6,6 +6,7 @@ they work headless, in Ray workers and in threads, and leave a notebook's backen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,26 +30,35 @@ def plot_importance(
     label: str = "E[z^2]",
     title: str | None = None,
 ) -> Figure:
-    """Importance vs rank on log-log axes, with the power-law and exponential fits over the fitted range."""
+    """Importance vs rank on log-log axes: every latent, the fit window (shaded), its rank bins and the three
+    fitted laws over the window, each labelled with its held-out error so the preferred law is visible."""
     imp = torch.sort(importance.detach().reshape(-1).to(torch.float64).cpu(), descending=True).values
     live = imp[imp > 0]
     if live.numel() == 0:
         raise ValueError("importance has no positive entries to plot (every latent is dead)")
     if fit is None:
         fit = fit_power_law(live)
-    fig = _figure((5.5, 4.0))
+    fig = _figure((6.0, 4.4))
     ax = fig.add_subplot()
     rank = torch.arange(1, live.numel() + 1, dtype=torch.float64)
-    ax.loglog(rank.numpy(), live.numpy(), ".", ms=3, color="0.3", label=f"{label} ({live.numel()} live latents)")
-    r = torch.arange(fit.min_rank, fit.max_rank + 1, dtype=torch.float64)
-    fits = (("power_law", "-", "C0", f"power law: exponent {fit.exponent:.3g}, R² {fit.r2:.3f}"),
-            ("exponential", "--", "C3", f"exponential: rate {fit.exp_rate:.3g}, R² {fit.exp_r2:.3f}"))
+    ax.loglog(rank.numpy(), live.numpy(), ".", ms=2, color="0.6", label=f"{label} ({live.numel()} live latents)")
+    ax.axvspan(fit.min_rank, fit.max_rank, color="C2", alpha=0.08,
+               label=f"fit window {fit.min_rank}-{fit.max_rank} (head {fit.dense_head}, {fit.n_too_rare} too rare)")
+    if fit.bin_rank is not None and fit.bin_importance is not None:
+        ax.loglog(fit.bin_rank.numpy(), fit.bin_importance.numpy(), "o", ms=4, mfc="none", color="k",
+                  label=f"{fit.n_bins} log-spaced rank bins")
+    r = torch.logspace(math.log10(fit.min_rank), math.log10(fit.max_rank), 200, dtype=torch.float64)
+    fits = (("power_law", "-", "C0",
+             f"power law: exponent {fit.exponent:.3g} [{fit.exponent_lo:.3g}, {fit.exponent_hi:.3g}]"),
+            ("exponential", "--", "C3", f"exponential: rate {fit.exp_rate:.3g}"),
+            ("lognormal", ":", "C1", f"log-normal: curvature {fit.ln_curvature:.3g}"))
     for kind, style, color, text in fits:
-        ax.loglog(r.numpy(), fit.predict(r, kind).numpy(), style, color=color, label=text)
+        mse = getattr(fit, f"heldout_mse_{kind}")
+        ax.loglog(r.numpy(), fit.predict(r, kind).numpy(), style, color=color, label=f"{text}, held-out MSE {mse:.3g}")
     ax.set_xlabel("rank")
     ax.set_ylabel(label)
-    ax.set_title(title or f"importance vs rank (preferred: {fit.preferred})")
-    ax.legend(fontsize="small")
+    ax.set_title(title or f"importance vs rank (preferred by held-out error: {fit.preferred})")
+    ax.legend(fontsize="x-small", loc="lower left")
     return fig
 
 
