@@ -313,7 +313,7 @@ def claim_orderings(sweep: Sweep, out: Path) -> Claim:
     df = parts[0].merge(parts[1], on=["run_id", "n_latents", "G"]).merge(parts[2], on=["run_id", "n_latents", "G"])
     df = df[df.G < df.n_latents]
     if df.empty:
-        c.lines.append("Not measured: no vanilla run has all three `fvu/prune_*@masked` curves below G = n.")
+        c.lines.append("Not measured: no vanilla run has all three `fvu/prune_*.masked` curves below G = n.")
         return c
     std = curve(sweep, "fvu_std", "prune_random", "masked", "vanilla")[["run_id", "G", "value"]]
     df = df.merge(std.rename(columns={"value": "draw_sd"}), on=["run_id", "G"], how="left")

@@ -17,8 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae.config import SAEConfig, TrainConfig
+from sae.config import AuxLoss, SAEConfig, TrainConfig
+from sae.evaluate import EvalOptions
 from sae.matryoshka import partition_label, resolve_partition
+from sae.prune import RULES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
@@ -65,6 +67,7 @@ class TrainSpec(_Strict):
     decay_fraction: float = 0.2
     aux_k: int | None = None
     aux_coef: float = 1.0 / 32.0
+    aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
     dead_tokens: int = Field(1_000_000, ge=1)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     report_every_steps: int = Field(10, ge=1)
@@ -72,12 +75,41 @@ class TrainSpec(_Strict):
 
 
 class EvalSpec(_Strict):
+    """How reduced SAEs are scored (docs/science.md, "Evaluation protocol"); defaults are the protocol's minimums."""
+
     granularities: list[int] | None = None
-    splice_contexts: int = Field(8, ge=1, description="eval contexts spliced for the CE/KL scores")
-    rsa_tokens: int = Field(512, ge=16)
+    rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: list(RULES), min_length=1)
+    importance_tokens: int = Field(32768, ge=256, description="train tokens that rank latents (never eval tokens)")
+    random_draws: int = Field(5, ge=1, description="seeded random subsets per G (mean and sd are logged)")
+    splice_contexts: int = Field(64, ge=1, description="eval contexts spliced for the CE/KL scores")
+    report_methods: list[Literal["prefix", "prune_ez2", "prune_freq", "prune_random"]] | None = Field(
+        None, description="methods that also get RSA, CKA, proxies and the LM splice; null: each SAE's own "
+                          "progressive code (prefix for Matryoshka, prune_ez2 for vanilla)")
+    splice_length: int | None = Field(None, ge=2, description="tokens per spliced context (BOS included); "
+                                                              "null: the whole context")
+    splice_rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: ["masked"])
+    rsa_tokens: int = Field(2048, ge=16)
     probe_features: int = Field(8, ge=1)
+    probe_candidates: int = Field(64, ge=1, description="candidate latents per probe, the same for every group")
     concentration_top: int = Field(32, ge=2)
     random_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> EvalSpec:
+        missing = [r for r in self.splice_rules if r not in self.rules]
+        if missing:
+            raise ValueError(f"eval.splice_rules {missing} must also be in eval.rules {self.rules}; add them there")
+        return self
+
+    def options(self, granularities: list[int]) -> EvalOptions:
+        """The library's EvalOptions for these settings (sae.evaluate owns the meaning of each)."""
+        return EvalOptions(
+            granularities=granularities, rules=tuple(self.rules), rsa_tokens=self.rsa_tokens,
+            random_draws=self.random_draws,
+            report_methods=tuple(self.report_methods) if self.report_methods is not None else None,
+            splice_rules=tuple(self.splice_rules), probe_features=self.probe_features,
+            probe_candidates=self.probe_candidates, concentration_top=self.concentration_top, seed=self.random_seed,
+        )
 
 
 class OptunaSpec(_Strict):
@@ -198,7 +230,7 @@ class SweepSpec(_Strict):
         t = self.train
         return TrainConfig(
             lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-            total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef,
+            total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef, aux_loss=t.aux_loss,
             dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
         )
 

@@ -7,8 +7,10 @@ spec was validated before this point; the LM and corpus were checked by `preflig
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,10 +31,11 @@ from orchestrator.frontier import (
 )
 from orchestrator.harvest import HarvestConfig, harvest
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
-from orchestrator.shards import exists, read_bytes, storage_fs, write_atomic
+from orchestrator.shards import exists, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
 from orchestrator.tracking import MLflowSweepCallback, Tracker
 from orchestrator.trial import run_trial
+from sae.evaluate import PRIMARY_RULE
 
 
 class SweepInterrupted(RuntimeError):
@@ -93,6 +96,32 @@ def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:
     )
 
 
+def activations_identity(train_store: str, eval_store: str) -> dict[str, str]:
+    """What makes two sweeps' numbers comparable: the same model weights, site, corpus and token budgets.
+
+    The stores are content-addressed, so their keys name exactly that; the frontier and the report group runs by
+    `activations_key` and never rank FVUs of different activation distributions against each other.
+    """
+    train, evals = read_manifest(train_store), read_manifest(eval_store)
+    return {"revision": train.revision, "context_length": str(train.context_length),
+            "activations_key": hashlib.sha256(f"{train.key}|{evals.key}".encode()).hexdigest()[:16]}
+
+
+def code_commit() -> str:
+    """The git commit of the code that ran (with '+dirty' for uncommitted changes), or 'unknown' outside a
+    checkout (e.g. a Ray job's unpacked working dir)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
     """A fresh sweep gets a new name; --resume continues the last one of this spec and search.
 
@@ -130,7 +159,8 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
         name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec.to_yaml(),
         params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
                 "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": train_store,
-                "eval_store": eval_store, "granularities": spec.granularities()},
+                "eval_store": eval_store, "granularities": spec.granularities(), **activations_identity(train_store, eval_store),
+                "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules)},
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),

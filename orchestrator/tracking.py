@@ -20,7 +20,7 @@ from ray import tune
 
 from orchestrator.spec import SweepSpec, point_from_config
 from orchestrator.trial import RESULT_FILE
-from sae.evaluate import CURVE_METHODS
+from sae.evaluate import CURVE_METHODS, split_curve_key
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
 TRIAL_KEY_TAG = "sae_frontier.trial_id"  # the Tune trial id: stable across Tuner.restore
@@ -201,35 +201,19 @@ POINT_COLUMNS = ("experiment", "run_id", "parent_run_id", "run_name", "n_latents
                  "seed", "method", "rule", "G")
 ACTIVATION_PARAMS = ("model", "revision", "site", "corpus", "train_tokens", "activations_key")
 LEGACY_RULE = "reselect"  # curves logged before scoring rules existed re-selected the top k among kept latents
-RULE_SEP = "@"  # the contract's curve key: <metric>/<method>@<rule>
-# MLflow refuses '@' in metric names (it allows [/\w.\- :], and ':' not on Windows): a curve is stored as
-# <metric>/<method>.<rule>; see mlflow_metric_key
-MLFLOW_RULE_SEP = "."
-STORED_RULES = ("masked", "reselect")  # the rules a '.'-separated tail may name (guards against other dotted keys)
-
-
-def mlflow_metric_key(key: str) -> str:
-    """The contract's curve key as MLflow can store it: `fvu/prefix@masked` -> `fvu/prefix.masked`."""
-    metric, sep, tail = key.rpartition("/")
-    return f"{metric}{sep}{tail.replace(RULE_SEP, MLFLOW_RULE_SEP)}"
 
 
 def parse_curve_key(key: str) -> tuple[str, str, str] | None:
-    """A curve key -> (metric, method, rule); the metric may contain '/'. None if the key is not a curve.
+    """A curve key -> (metric, method, rule) (see sae.evaluate.curve_key), or None if the key is not a curve.
 
-    Reads the contract's `<metric>/<method>@<rule>`, its stored form `<metric>/<method>.<rule>`, and the legacy
-    `<metric>/<method>` (a known curve method) as the `reselect` rule it was scored with.
+    Also reads the legacy `<metric>/<method>` keys of sweeps logged before scoring rules existed, as the
+    `reselect` rule they were scored with.
     """
-    metric, sep, tail = key.rpartition("/")
-    if not sep or not metric:
-        return None
-    method, at, rule = tail.partition(RULE_SEP)
-    if at:
-        return (metric, method, rule) if method and rule else None
-    method, dot, rule = tail.rpartition(MLFLOW_RULE_SEP)
-    if dot and method and rule in STORED_RULES:
-        return metric, method, rule
-    return (metric, tail, LEGACY_RULE) if tail in CURVE_METHODS else None
+    parsed = split_curve_key(key)
+    if parsed is not None:
+        return parsed
+    metric, _, tail = key.rpartition("/")
+    return (metric, tail, LEGACY_RULE) if metric and tail in CURVE_METHODS else None
 
 
 class MLflowSweepCallback(tune.Callback):
@@ -240,6 +224,7 @@ class MLflowSweepCallback(tune.Callback):
     """
 
     TRAIN_KEYS = ("loss", "mse", "fvu", "l0", "dead_fraction", "aux_loss", "lr")
+    TRAIN_PREFIXES = ("prefix_fvu/",)  # a Matryoshka SAE's per-prefix training loss, one history per boundary
 
     def __init__(self, tracking_uri: str, experiment: str, parent_id: str, spec_json: str):
         self.tracking_uri, self.experiment, self.parent_id = tracking_uri, experiment, parent_id
@@ -284,7 +269,8 @@ class MLflowSweepCallback(tune.Callback):
         run_id, step = self._run_for(trial), int(result["tokens_seen"])
         if step <= self._logged_up_to[run_id]:
             return  # a trial restarted from a checkpoint re-reports steps this run already has
-        metrics = {f"train/{k}": result[k] for k in self.TRAIN_KEYS if k in result}
+        metrics = {f"train/{k}": result[k] for k in result
+                   if k in self.TRAIN_KEYS or k.startswith(self.TRAIN_PREFIXES)}
         self.tracker.log_metrics(run_id, metrics, step=step)
         self._logged_up_to[run_id] = step
 

@@ -76,15 +76,17 @@ def load_eval_data(store: str, spec: SweepSpec) -> tuple[EvalData, torch.Tensor]
     return data, torch.cat(pos)
 
 
-def splice_contexts(data: EvalData, positions: torch.Tensor, n: int, bos_id: int) -> torch.Tensor:
-    """Rebuild n complete eval contexts [n, T] from the per-token records (BOS was dropped at harvest)."""
+def splice_contexts(data: EvalData, positions: torch.Tensor, n: int, bos_id: int, length: int | None = None
+                    ) -> torch.Tensor:
+    """Rebuild n eval contexts [n, T] from the per-token records (BOS was dropped at harvest), cut to `length`
+    tokens (BOS included) when given: CE/KL cost grows with tokens, their interval with contexts."""
     chosen = torch.unique(data.context_ids)[:n]
     rows = []
     for c in chosen.tolist():
         mask = data.context_ids == c
         order = torch.argsort(positions[mask])
         rows.append(torch.cat([torch.tensor([bos_id]), data.token_ids[mask][order]]))
-    width = min(len(r) for r in rows)
+    width = min(min(len(r) for r in rows), length or len(rows[0]))
     return torch.stack([r[:width] for r in rows])
 
 
@@ -135,7 +137,8 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
 
     data, positions = load_eval_data(eval_store, spec)
     lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
-    contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0])
+    contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0],
+                               spec.eval.splice_length)
     scorer = SpliceScorer(lm, contexts, spec.site)
     opts = spec.eval.options(spec.granularities())
     t1 = time.perf_counter()
@@ -151,6 +154,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         "tokens_seen": float(trainer.tokens_seen),
         "ce_clean": scorer.ce_clean,
         "splice_contexts": float(contexts.shape[0]),
+        "splice_tokens": float(contexts.numel()),
         "ce_zero": scorer.ce_zero,
         "objective_fvu": report.at("fvu", principal_method(sae_cfg.is_matryoshka), spec.objective_granularity()),
         **{f"train_final/{k}": v for k, v in metrics.items()},

@@ -9,11 +9,13 @@ The protocol (docs/science.md, "Evaluation protocol"):
   E[z^2].
 - Every reduced SAE is scored under both rules of `sae.prune.RULES` (`masked`: the full top-k restricted to the
   kept latents; `reselect`: top-k among the kept latents), each with its L0.
-- FVU, MSE, L0 and dead latents use all eval tokens; RSA a seeded sample of `rsa_tokens` tokens; linear CKA all
-  eval tokens (d x d Gram form) for the methods that are spliced; the recaptured LM loss and KL (with bootstrap
-  intervals over contexts) only for `splice_methods` x `splice_rules` (the LM forward is the expensive part).
-- The interpretability proxies (`proxy/...`) for masked reduced SAEs and each Matryoshka group.
-Curves come back as {"<metric>/<method>@<rule>": [[G, value], ...]}, the layout the tracker logs as MLflow
+- FVU, MSE, L0 and dead latents use all eval tokens, for every method and rule (they cost one sparse decode).
+  The costlier measures are computed for the `report_methods` (default: the SAE's own progressive code, the
+  one the frontier and the report compare): RSA on a seeded sample of `rsa_tokens` tokens, linear CKA on all
+  eval tokens (d x d Gram form), the interpretability proxies (masked rule), and, for `splice_rules`, the
+  recaptured LM loss and KL with bootstrap intervals over contexts (the LM forward is the expensive part).
+- The proxies (`proxy/...`) also for the whole SAE and each Matryoshka group.
+Curves come back as {"<metric>/<method>.<rule>": [[G, value], ...]}, the layout the tracker logs as MLflow
 histories with step = G. One pass over the eval set encodes each batch once and scores every reduced SAE from it.
 """
 
@@ -39,15 +41,18 @@ Scorer = Callable[[Callable[[Tensor], Tensor]], dict[str, float]]
 
 
 def curve_key(metric: str, method: str, rule: str) -> str:
-    """`fvu/prefix@masked`: the rule is part of every curve's name, so MLflow shows which rule scored it."""
-    return f"{metric}/{method}@{rule}"
+    """`fvu/prefix.masked`: the rule is part of every curve's name, so MLflow shows which rule scored it.
+
+    (A dot, not '@': MLflow metric names allow only letters, digits, '_', '-', '.', '/', ':' and spaces.)
+    """
+    return f"{metric}/{method}.{rule}"
 
 
 def split_curve_key(key: str) -> tuple[str, str, str] | None:
     """(metric, method, rule) of a curve key, or None for a key that is not a reduced-SAE curve."""
     metric, _, tail = key.rpartition("/")
-    method, at, rule = tail.partition("@")
-    return (metric, method, rule) if metric and at else None
+    method, dot, rule = tail.rpartition(".")
+    return (metric, method, rule) if metric and dot and method and rule in RULES else None
 
 
 @dataclass
@@ -84,7 +89,7 @@ class EvalOptions:
     rules: Sequence[str] = RULES
     rsa_tokens: int = 2048
     random_draws: int = 5
-    splice_methods: Sequence[str] = ("prefix", "prune_ez2")
+    report_methods: Sequence[str] | None = None  # None: the SAE's own progressive code (principal_method)
     splice_rules: Sequence[str] = (PRIMARY_RULE,)
     probe_features: int = 8
     probe_candidates: int = 64
@@ -99,6 +104,11 @@ class EvalOptions:
             raise ValueError(f"random_draws must be >= 1, got {self.random_draws}")
         if self.rsa_tokens < 3:
             raise ValueError(f"rsa_tokens must be >= 3, got {self.rsa_tokens}")
+
+
+    def detailed_methods(self, is_matryoshka: bool) -> tuple[str, ...]:
+        """Methods that get RSA, CKA, proxies and the LM splice."""
+        return tuple(self.report_methods) if self.report_methods is not None else (principal_method(is_matryoshka),)
 
 
 @dataclass
@@ -202,12 +212,13 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     """One pass over the eval set: FVU, MSE, L0, dead, CKA for the full SAE and every reduced SAE; then RSA."""
     device = sae.W_enc.device
     n, d = sae.cfg.n_latents, sae.cfg.d_in
+    detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
     full = _Reduced("full", n, "-", torch.arange(0), fired=torch.zeros(n, dtype=torch.bool, device=device))
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     items: list[tuple[_Reduced | None, _Reduced]] = [(None, full)] + [(r, r) for r in reduced]
     for spec, r in items:
-        if spec is None or spec.method in opts.splice_methods:
+        if spec is None or spec.method in detailed:
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, dtype=torch.float64, device=device)]
@@ -233,9 +244,9 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
         m = r.acc.result()
         del m["tokens"]
         m["dead_fraction"] = 1.0 - float(r.fired.sum()) / r.g
-        x_hat_s = sae.decode(*_code(sae, spec, pre_s, vals_s, idx_s)).float()
-        m["rsa"] = rsa(x_s, x_hat_s, n_tokens=opts.rsa_tokens, seed=opts.seed)
-        if r.grams is not None:
+        if r.grams is not None:  # the detailed methods: similarity too
+            x_hat_s = sae.decode(*_code(sae, spec, pre_s, vals_s, idx_s)).float()
+            m["rsa"] = rsa(x_s, x_hat_s, n_tokens=opts.rsa_tokens, seed=opts.seed)
             m["cka"] = linear_cka_from_grams(gram_x, sum_x, r.grams[0], r.grams[1], r.grams[2], n_tok)
             r.grams = None
         r.metrics = m
@@ -245,7 +256,8 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
 def _splice(sae, reduced: list[_Reduced], opts: EvalOptions, scorer: Scorer, full: dict[str, float],
             progress: Callable[[str], None] | None) -> None:
     """CE/KL scores (with context-bootstrap bounds) for the full SAE and the reduced SAEs that need them."""
-    chosen = [r for r in reduced if r.method in opts.splice_methods and r.rule in opts.splice_rules]
+    detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
+    chosen = [r for r in reduced if r.method in detailed and r.rule in opts.splice_rules]
     targets: list[_Reduced | None] = [None, *chosen]
     recons = [_reconstructor(sae, r) for r in targets]
     many = getattr(scorer, "score_many", None)
@@ -262,6 +274,7 @@ def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, re
     latents) and of each Matryoshka group, all from one encoding of the eval set."""
     vals, idx = encode_all(sae, data.batches())
     n = sae.cfg.n_latents
+    detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
     freq = torch.bincount(idx[vals > 0], minlength=n).double() / vals.shape[0]
     labels = data.labels
 
@@ -271,7 +284,7 @@ def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, re
                             candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.seed)
 
     for r in reduced:
-        if r.rule == PRIMARY_RULE and r.draw == 0 and r.method in opts.splice_methods:
+        if r.rule == PRIMARY_RULE and r.draw == 0 and r.method in detailed:
             for key, value in proxy(r.kept).items():
                 report.add(f"proxy/{key}", r.method, r.rule, r.g, value)
     for key, value in proxy(torch.arange(n)).items():

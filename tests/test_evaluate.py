@@ -57,12 +57,13 @@ def test_vanilla_report_has_every_curve_under_both_rules(planted):
     report = evaluate_progressive(sae, data, opts, ranking=ranking, progress=seen.append)
     for method in ("prune_ez2", "prune_freq", "prune_random"):
         for rule in RULES:
-            for metric in ("fvu", "mse", "l0", "rsa", "dead_fraction"):
+            for metric in ("fvu", "mse", "l0", "dead_fraction"):
                 assert [g for g, _ in report.curves[curve_key(metric, method, rule)]] == GS, (metric, method, rule)
-    assert [g for g, _ in report.curves["fvu_std/prune_random@masked"]] == GS[:-1]  # G = n is the full SAE
-    assert [g for g, _ in report.curves["cka/prune_ez2@masked"]] == GS  # CKA for the spliced methods
-    assert "cka/prune_freq@masked" not in report.curves
-    assert [g for g, _ in report.curves["proxy/token_conc/prune_ez2@masked"]] == GS[:-1]
+    assert [g for g, _ in report.curves["fvu_std/prune_random.masked"]] == GS[:-1]  # G = n is the full SAE
+    for metric in ("rsa", "cka"):  # similarity for the progressive code the frontier and report compare
+        assert [g for g, _ in report.curves[f"{metric}/prune_ez2.reselect"]] == GS
+        assert f"{metric}/prune_freq.masked" not in report.curves
+    assert [g for g, _ in report.curves["proxy/token_conc/prune_ez2.masked"]] == GS[:-1]
     for g in GS[:-1]:
         # masked keeps the full SAE's picks among the kept latents: L0 below k; reselect fills up to min(k, G-1)
         # (ReLU may zero a re-selected pick, so reselect's L0 is at most, not exactly, min(k, G-1))
@@ -96,15 +97,17 @@ def test_matryoshka_report_scores_prefixes_at_trained_boundaries_only(planted):
     opts = EvalOptions(granularities=[8, 16, 24, 32, 64, 128], rsa_tokens=256)
     report = evaluate_progressive(sae, data, opts, scorer=scorer, ranking=latent_stats(sae, train[:4096]))
     assert {split_curve_key(k)[1] for k in report.curves if split_curve_key(k)} == {"prefix", "prune_ez2"}
-    assert [g for g, _ in report.curves["fvu/prefix@masked"]] == [16, 32, 64, 128]  # never inside a group
-    prefix_fvu = [v for _, v in report.curves["fvu/prefix@masked"]]
+    assert [g for g, _ in report.curves["fvu/prefix.masked"]] == [16, 32, 64, 128]  # never inside a group
+    prefix_fvu = [v for _, v in report.curves["fvu/prefix.masked"]]
     assert prefix_fvu == sorted(prefix_fvu, reverse=True)  # nested prefixes: FVU falls as G grows
-    assert [g for g, _ in report.curves["ce_score/prefix@masked"]] == [16, 32, 64, 128]
-    assert "ce_score_lo/prefix@masked" in report.curves and "ce_score/prefix@reselect" not in report.curves
+    assert [g for g, _ in report.curves["ce_score/prefix.masked"]] == [16, 32, 64, 128]
+    assert "ce_score_lo/prefix.masked" in report.curves and "ce_score/prefix.reselect" not in report.curves
     assert {f"proxy/group{i}/token_conc" for i in range(4)} <= set(report.final)
     assert {f"proxy/group{i}/token_conc_lift" for i in range(4)} <= set(report.final)
-    # the full SAE once, then the spliced (masked) prefixes and E[z^2]-pruned SAEs below n
-    assert len(scored) == 1 + 3 + 5
+    assert len(scored) == 1 + 3  # the full SAE once, then the (masked) prefixes below n
+    opts = EvalOptions(granularities=[8, 16, 24, 32, 64, 128], rsa_tokens=256, report_methods=("prefix", "prune_ez2"))
+    report = evaluate_progressive(sae, data, opts, scorer=scorer, ranking=latent_stats(sae, train[:4096]))
+    assert [g for g, _ in report.curves["ce_score/prune_ez2.masked"]] == [8, 16, 24, 32, 64, 128]
 
 
 def test_monotone_fvu_flags_an_undertrained_code():
@@ -116,5 +119,5 @@ def test_monotone_fvu_flags_an_undertrained_code():
     for g, v in [(64, 0.09), (128, 0.07), (256, 0.0705), (512, 0.05)]:  # a 0.7% wobble is within tolerance
         report.add("fvu", "prefix", "masked", g, v)
     assert monotone_fvu(report, "prefix")
-    assert split_curve_key("proxy/token_conc/prune_ez2@masked") == ("proxy/token_conc", "prune_ez2", "masked")
+    assert split_curve_key("proxy/token_conc/prune_ez2.masked") == ("proxy/token_conc", "prune_ez2", "masked")
     assert split_curve_key("spectrum/eigenvalue") is None

@@ -1,5 +1,5 @@
 """The frontier: exactly the non-dominated points (against a brute-force Pareto), per scoring rule and per set of
-activations, at matched G and matched L0; its plot is readable; curve_points reads the `<metric>/<method>@<rule>` keys
+activations, at matched G and matched L0; its plot is readable; curve_points reads the `<metric>/<method>.<rule>` keys
 back from a real MLflow store."""
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from orchestrator.tracking import (
     ACTIVATION_PARAMS,
     POINT_COLUMNS,
     Tracker,
-    mlflow_metric_key,
     parse_curve_key,
 )
 
@@ -205,7 +204,7 @@ def _sweep(tracker: Tracker, name: str, activations: dict, children: dict[str, t
     parent = tracker.parent_run(name, name=name, spec_hash="h", spec_yaml="", params={"spec": name, **activations})
     for run_name, (params, curves) in children.items():
         run = tracker.child_run(parent, f"{name}-{run_name}", name=run_name, params=params, tags={})
-        tracker.log_curves(run, {mlflow_metric_key(key): pts for key, pts in curves.items()})
+        tracker.log_curves(run, curves)
         tracker.log_metrics(run, {"power_law/exponent": 1.1, "fvu": 0.1})  # final metrics: not curve points
         tracker.log_curves(run, {"spectrum/eigenvalue": [[1, 3.0], [2, 1.0]], "train/prefix_fvu/64": [[100, 0.2]]})
         tracker.finish(run)
@@ -220,12 +219,12 @@ def test_curve_points_parse_rule_keys_and_attach_activations(tmp_path):
     vanilla = {"n_latents": 128, "k": 8, "architecture": "topk", "partition": "none", "seed": 0}
     matryoshka = {**vanilla, "partition": "doubling:32"}
     parent = _sweep(tracker, "s1", ident, {
-        "van": (vanilla, {"fvu/prune_ez2@masked": [[32, 0.4], [64, 0.3]], "l0/prune_ez2@masked": [[32, 3.0], [64, 5.5]],
-                          "fvu/prune_ez2@reselect": [[32, 0.35], [64, 0.28]], "l0/prune_ez2@reselect": [[32, 8], [64, 8]],
-                          "fvu_std/prune_random@masked": [[32, 0.01]], "fvu/prune_random@masked": [[32, 0.6]]}),
-        "mat": (matryoshka, {"fvu/prefix@masked": [[32, 0.3], [64, 0.2]], "l0/prefix@masked": [[32, 4.0], [64, 6.0]],
-                             "ce_score/prefix@masked": [[32, 0.7]], "ce_score_lo/prefix@masked": [[32, 0.6]],
-                             "proxy/token_conc/prefix@masked": [[32, 0.25]]}),
+        "van": (vanilla, {"fvu/prune_ez2.masked": [[32, 0.4], [64, 0.3]], "l0/prune_ez2.masked": [[32, 3.0], [64, 5.5]],
+                          "fvu/prune_ez2.reselect": [[32, 0.35], [64, 0.28]], "l0/prune_ez2.reselect": [[32, 8], [64, 8]],
+                          "fvu_std/prune_random.masked": [[32, 0.01]], "fvu/prune_random.masked": [[32, 0.6]]}),
+        "mat": (matryoshka, {"fvu/prefix.masked": [[32, 0.3], [64, 0.2]], "l0/prefix.masked": [[32, 4.0], [64, 6.0]],
+                             "ce_score/prefix.masked": [[32, 0.7]], "ce_score_lo/prefix.masked": [[32, 0.6]],
+                             "proxy/token_conc/prefix.masked": [[32, 0.25]]}),
     })
     # an older sweep: no revision / activations_key, curves under the legacy `<metric>/<method>` keys
     old_ident = {k: v for k, v in ident.items() if k not in ("revision", "activations_key")}
@@ -255,26 +254,24 @@ def test_curve_points_parse_rule_keys_and_attach_activations(tmp_path):
 
 
 def test_parse_curve_key(tmp_path):
-    assert parse_curve_key("proxy/token_conc/prune_ez2@masked") == ("proxy/token_conc", "prune_ez2", "masked")
-    assert parse_curve_key("fvu_std/prune_random@reselect") == ("fvu_std", "prune_random", "reselect")
-    assert parse_curve_key("fvu/prefix") == ("fvu", "prefix", "reselect")
-    for key in ("fvu", "train/loss", "spectrum/eigenvalue", "power_law/exponent", "train/prefix_fvu/64", "a/@x",
-                "spectrum_fit/r2.adj"):
+    assert parse_curve_key("proxy/token_conc/prune_ez2.masked") == ("proxy/token_conc", "prune_ez2", "masked")
+    assert parse_curve_key("fvu_std/prune_random.reselect") == ("fvu_std", "prune_random", "reselect")
+    assert parse_curve_key("fvu/prefix") == ("fvu", "prefix", "reselect")  # legacy: before scoring rules
+    for key in ("fvu", "train/loss", "spectrum/eigenvalue", "power_law/exponent", "train/prefix_fvu/64", "a/.masked",
+                "spectrum_fit/r2.adj", "fvu/prefix@masked"):
         assert parse_curve_key(key) is None, key
-    for key in ("proxy/token_conc/prune_ez2@masked", "fvu/prefix@reselect", "ce_score_lo/prune_ez2@masked"):
-        assert parse_curve_key(mlflow_metric_key(key)) == parse_curve_key(key)
-    # why the stored form exists: MLflow refuses '@' in a metric name
+    # why the rule is joined by a dot: MLflow refuses '@' in a metric name
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "x")
     run = tracker.client.create_run(tracker.experiment_id).info.run_id
     with pytest.raises(MlflowException, match="Invalid value"):
         tracker.log_metrics(run, {"fvu/prefix@masked": 1.0})
-    tracker.log_metrics(run, {mlflow_metric_key("fvu/prefix@masked"): 1.0})
+    tracker.log_metrics(run, {"fvu/prefix.masked": 1.0})
 
 
 def test_compare_groups_by_activations_and_names_the_difference(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     vanilla = {"n_latents": 128, "k": 8, "architecture": "topk", "partition": "none", "seed": 0}
-    curves = {"fvu/prune_ez2@masked": [[32, 0.4], [64, 0.3]], "l0/prune_ez2@masked": [[32, 3.0], [64, 5.5]]}
+    curves = {"fvu/prune_ez2.masked": [[32, 0.4], [64, 0.3]], "l0/prune_ez2.masked": [[32, 3.0], [64, 5.5]]}
     for exp, site in (("exp-a", "resid_post.3"), ("exp-b", "resid_post.5")):
         ident = {"model": "m", "revision": "r1", "site": site, "corpus": "c", "train_tokens": 1000,
                  "activations_key": f"key-{site}"}

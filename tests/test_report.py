@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import stats
 from orchestrator.report import claim_matryoshka, load_sweep
-from orchestrator.tracking import mlflow_metric_key
 from sae.evaluate import curve_key as contract_key
 from sweeps.report import main as report_main
 
@@ -34,7 +33,7 @@ SCENARIOS = {
 
 
 def curve_key(metric: str, method: str, rule: str) -> str:
-    return mlflow_metric_key(contract_key(metric, method, rule))
+    return contract_key(metric, method, rule)
 
 
 def _curves(method: str, base: np.ndarray, scale: float, *, full: bool) -> dict[str, list[tuple[int, float]]]:
