@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RAY_DASHBOARD ?= http://127.0.0.1:8265
 
-.PHONY: venv test test-fast lint frontier cluster submit stop-cluster ui bench
+.PHONY: venv test test-fast lint frontier paper-mini report cluster submit stop-cluster ui bench
 
 venv: $(STAMP)
 
@@ -38,6 +38,15 @@ lint: venv
 
 frontier: venv
 	$(PY) sweeps/frontier.py --spec $(SPEC)
+
+# The paper's experiment in miniature (54 trials, under an hour on 2 cores), then its claims report.
+paper-mini: venv
+	$(PY) sweeps/frontier.py --spec sweeps/specs/paper_mini.yaml
+	$(PY) sweeps/report.py --experiment paper_mini
+
+EXPERIMENT ?= sae-frontier-default
+report: venv
+	$(PY) sweeps/report.py --experiment $(EXPERIMENT)
 
 cluster: venv
 	ray start --head --disable-usage-stats --dashboard-host 127.0.0.1

@@ -145,8 +145,9 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
 # ---- claim 1: power law --------------------------------------------------------------------------------------------
 def claim_power_law(sweep: Sweep, out: Path) -> Claim:
     c = Claim("1. Importance E[z²] of vanilla latents follows a power law",
-              "confirmed if the power law has the lowest held-out error in every vanilla run; refuted if the "
-              "exponential or the alternative wins in every run; else inconclusive.")
+              "confirmed if the power law is the preferred fit (lowest held-out error; the log-normal rank law, "
+              "which nests it, must beat it by more than one standard error) in every vanilla run; refuted if the "
+              "exponential or the log-normal wins in every run; else inconclusive.")
     van = sweep.runs[sweep.runs.kind == "vanilla"]
     first = {"power_law/heldout_mse_power_law": 0, "power_law/heldout_mse_exponential": 1}
     err_cols = sorted((k for k in van.columns if k.startswith("power_law/heldout_mse_")), key=lambda k: (first.get(k, 2), k))
@@ -161,6 +162,10 @@ def claim_power_law(sweep: Sweep, out: Path) -> Claim:
         c.lines.append("Not measured: no vanilla run has every `power_law/heldout_mse_*` final metric.")
         return c
     winners = [fits[i] for i in errs.argmin(axis=1)]
+    if "power_law/preferred_power_law" in van:  # the fit's own rule: the nested log-normal must win by > 1 SE
+        pref = van["power_law/preferred_power_law"].to_numpy(float)
+        winners = ["power_law" if p == 1 else (w if w != "power_law" else fits[1 + int(np.argmin(e[1:]))])
+                   for p, w, e in zip(pref, winners, errs, strict=True)]
     ex, lo, hi = (_col(van, f"power_law/{k}").to_numpy() for k in ("exponent", "exponent_lo", "exponent_hi"))
     rows = [[f"n={r.n_latents} k={r.k} {r.architecture} s{r.seed}", _f(ex[j]), f"[{_f(lo[j])}, {_f(hi[j])}]",
              *(_f(e) for e in errs[j]), winners[j]] for j, r in enumerate(van.itertuples())]
@@ -170,7 +175,7 @@ def claim_power_law(sweep: Sweep, out: Path) -> Claim:
     c.lines += ["Spread over seeds (exponent, mean ± sd):", "", *_table(["group", "exponent"], spread)]
     n_pl = winners.count("power_law")
     c.verdict = "confirmed" if n_pl == len(winners) else "refuted" if n_pl == 0 else "inconclusive"
-    c.lines.append(f"The power law has the lowest held-out error in {n_pl} of {len(winners)} vanilla runs.")
+    c.lines.append(f"The power law is the preferred fit in {n_pl} of {len(winners)} vanilla runs.")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     a1.errorbar(range(len(ex)), ex, yerr=[np.abs(ex - lo), np.abs(hi - ex)], fmt="o", capsize=3)
     a1.set(xlabel="vanilla run", ylabel="power-law exponent", title="Exponent with bootstrap 95% interval")

@@ -163,12 +163,13 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         bundle = Path(d)
         save_sae(sae, bundle / "sae")
         (bundle / "plots").mkdir()
-        plot_importance(report.importance, report.fit).savefig(bundle / "plots" / "power_law.png", dpi=110)
+        if report.fit is not None:
+            plot_importance(report.importance, report.fit).savefig(bundle / "plots" / "power_law.png", dpi=110)
         for metric, rule in itertools.product(("fvu", "ce_score", "l0"), opts.rules):
             rows = report.curve_rows(metric, rule)
             if rows:
                 plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu", title=f"{metric} vs G ({rule} rule)"
-                                    ).savefig(bundle / "plots" / f"pruning_{metric}@{rule}.png", dpi=110)
+                                    ).savefig(bundle / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
         result = {
             "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
             "resolved": {"d_in": manifest.d, "input_scale": sae.cfg.input_scale, "device": device,

@@ -365,10 +365,15 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
     sae.eval()
     try:
         report = EvalReport(importance=ranking.mean_sq.cpu())
-        fit = fit_power_law(ranking.mean_sq, freq=ranking.freq, tokens=ranking.tokens)
-        report.fit, report.power_law = fit, fit.as_dict()
-        report.final.update({f"power_law/{k}": float(v) for k, v in report.power_law.items() if _numeric(v)})
-        report.final["power_law/preferred_power_law"] = float(fit.preferred == "power_law")
+        try:
+            fit = fit_power_law(ranking.mean_sq, freq=ranking.freq, tokens=ranking.tokens)
+        except ValueError as err:  # too few live, well-sampled latents in the window: say so, score the rest
+            report.power_law = {"error": str(err)}
+            if progress:
+                progress(f"no power-law fit: {err}")
+        else:
+            report.fit, report.power_law = fit, fit.as_dict()
+            report.final.update({f"power_law/{k}": float(v) for k, v in report.power_law.items() if _numeric(v)})
         reduced = reduced_saes(sae, ranking, opts)
         full = _score_all(sae, data, reduced, opts)
         if progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,11 +18,14 @@ from mlflow.tracking import MlflowClient
 from test_frontier import brute_force_pareto
 
 from orchestrator.frontier import CRITERIA, progressive_points
+from orchestrator.report import make_report
 from orchestrator.search import optuna_storage_url, study_name
 from orchestrator.spec import load_spec
 from orchestrator.sweep import compare, run_sweep
 from orchestrator.tracking import PARENT_TAG, Tracker
 from sae.checkpoint import load_sae
+from sae.evaluate import curve_key
+from sae.prune import RULES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,18 +74,36 @@ def test_every_grid_point_is_a_child_run_with_curves_and_artifacts(grid_sweep, t
     for run in runs:
         assert run.info.status == "FINISHED"
         n = int(run.data.params["n_latents"])
-        methods = ["prefix", "prune_ez2"] if run.data.params["partition"] != "none" else ["prune_ez2", "prune_freq", "prune_random"]
+        matryoshka = run.data.params["partition"] != "none"
+        boundaries = set(json.loads(run.data.params["boundaries"].replace("'", '"'))) if matryoshka else set()
+        methods = ["prefix", "prune_ez2"] if matryoshka else ["prune_ez2", "prune_freq", "prune_random"]
+        principal = "prefix" if matryoshka else "prune_ez2"
+
+        def steps(key, run_id=run.info.run_id):
+            return sorted(m.step for m in client.get_metric_history(run_id, key))
+
         for method in methods:
-            for metric in ("fvu", "l0", "ce_score", "kl_score", "rsa", "cka", "token_conc"):
-                steps = [m.step for m in client.get_metric_history(run.info.run_id, f"{metric}/{method}")]
-                assert sorted(steps) == [g for g in gs if g <= n], (metric, method)
+            want = [g for g in gs if g <= n and (method != "prefix" or g in boundaries)]  # prefixes: trained cuts only
+            for rule in RULES:
+                for metric in ("fvu", "l0", "mse", "dead_fraction"):
+                    assert steps(curve_key(metric, method, rule)) == want, (metric, method, rule)
+        for metric in ("ce_score", "ce_score_lo", "ce_score_hi", "kl_score", "rsa", "cka"):
+            assert steps(curve_key(metric, principal, "masked")) == steps(curve_key("fvu", principal, "masked")), metric
+        assert steps(curve_key("rsa", principal, "reselect")) and not steps(curve_key("ce_score", principal, "reselect"))
+        assert steps(curve_key("proxy/token_conc", principal, "masked"))
+        if not matryoshka:
+            assert steps(curve_key("fvu_std", "prune_random", "masked"))
+        else:
+            assert {f"proxy/group{i}/token_conc" for i in range(len(boundaries))} <= set(run.data.metrics)
+            assert steps(f"train/prefix_fvu/{max(boundaries)}")
+        assert run.data.metrics["monotone_fvu"] in (0.0, 1.0) and steps("spectrum/eigenvalue")[:2] == [1, 2]
         train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/fvu")]
         assert train_steps == sorted(train_steps) and train_steps[-1] > 0  # step = tokens seen
         assert "power_law/exponent" in run.data.metrics
         files = {a.path for a in client.list_artifacts(run.info.run_id, "sae")}
         assert {"sae/sae.safetensors", "sae/cfg.json"} <= files
         plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-        assert {"plots/power_law.png", "plots/pruning_fvu.png"} <= plots
+        assert {"plots/power_law.png", "plots/pruning_fvu.masked.png", "plots/pruning_fvu.reselect.png"} <= plots
         local = client.download_artifacts(run.info.run_id, "sae", str(tmp_path / run.info.run_id))
         sae = load_sae(local)
         assert sae.cfg.n_latents == n and sae.cfg.k == int(run.data.params["k"])
@@ -162,6 +184,21 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(home):
         assert len(steps) == len(set(steps)) and steps
     after = {r.info.run_id: r.info.end_time for r in trials}
     assert all(after[rid] == end for rid, end in before.items())  # finished trials were not rerun
+
+
+def test_report_on_the_smoke_sweep_writes_every_claim_with_figures(grid_sweep, tmp_path):
+    spec, outcome = grid_sweep
+    folder = make_report(spec.resolved_tracking_uri(), spec.experiment_name, tmp_path / "reports",
+                         parent_id=outcome.parent_run_id)
+    text = (folder / "REPORT.md").read_text()
+    for claim in range(1, 6):
+        assert f"## {claim}." in text, claim
+    assert text.count("**Verdict:") >= 5
+    assert spec.spec_hash() in text
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    assert len(figures) >= 4 and all(f"({name})" in text for name in figures)
+    logged = {a.path for a in MlflowClient(spec.resolved_tracking_uri()).list_artifacts(outcome.parent_run_id, "report")}
+    assert "report/REPORT.md" in logged
 
 
 def test_compare_draws_earlier_sweeps_without_training(grid_sweep, tmp_path):
