@@ -1,26 +1,52 @@
-"""Offline interpretability proxies that need no judge model (claim 4 of PAPER.md).
+"""Offline interpretability *proxies* that need no judge model (claim 4 in docs/science.md).
 
-1. Sparse probing: can a few latents predict a labelled property of the text (e.g. the wiki article's topic)?
-   The k_features latents with the best univariate class separation (ANOVA F on the train half) feed a
-   multinomial logistic regression (plain torch, L-BFGS); held-out accuracy is compared with the
-   majority-class baseline.
-2. Token concentration: for each latent, the share of its top-N activations that fall on its single most
-   common token id (1.0 = a pure single-token detector; near 1/N for a latent spread over many tokens).
+The paper judged latents with an LLM (explain, then score). Offline we have two proxies; for both, HIGHER means
+"more interpretable", and both are only read against a baseline drawn from the same SAE and the same codes:
 
-Both take a latent *subset*, so a pruned vanilla SAE's top-G latents, a Matryoshka prefix, or the inner vs
-outer Matryoshka groups (`group_latents`) can be compared. Encode with the SAE being judged: a pruned SAE's
-codes come from `prune_sae(...)` itself (its TopK competes among kept latents only), not from the full SAE.
+1. Token concentration (`token_concentration`): the share of a latent's top-N activations on its single most
+   common token id. Higher = closer to a single-token detector, which is easy to explain. It cannot see
+   contextual or abstract features (they score low yet may be clear), and a latent concentrated on a frequent
+   token may still be polysemantic across contexts; it reads top activations only (the "explain" half), never
+   whether the latent fires predictably elsewhere (the "score" half). It is confounded by frequency: a latent
+   that fires 5 times is concentrated almost by chance. Hence
+   - `token_conc_excess`: each latent minus the mean of reference latents in its firing-frequency bin
+     (`frequency_matched_concentration`); 0 = as concentrated as equally frequent latents of this SAE;
+   - `token_conc_lift`: the subset's mean minus that of size-matched random subsets (`random_subset_baseline`).
+2. Sparse topic probe (`sparse_probe`): C candidate latents drawn (seeded) from the subset, the k_features best
+   by ANOVA F on the train half, multinomial logistic regression (plain torch, L-BFGS), held-out accuracy.
+   Higher = the subset carries more linearly decodable topic information in few latents. Decodable is not
+   monosemantic (a distributed code can carry topic too), and only topics are probed. Every subset gets the same
+   number C of candidates, because picking the best 8 of 1,024 beats the best 8 of 64 by chance alone; with the
+   draw, the probe measures how *rich* a subset is in topic latents, not whether it holds one somewhere.
+   `probe_lift` is against the majority class, `probe_acc_lift` against size-matched random subsets.
+
+All functions take a latent *subset* (a Matryoshka group from `group_latents`, a pruned SAE's kept latents), and
+`proxy_report` gives every key for one subset. Under the `masked` rule a reduced SAE's code on its kept latents
+IS the full SAE's code, so pass the full SAE's codes with `latents=kept`: the reference and random subsets then
+come from the full SAE. With codes of a standalone reduced SAE, compare with the `prune_random` curve instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Codes = Tensor | tuple[Tensor, Tensor]
+
+# log10 firing-frequency bin edges: quarter-decades [-7, -6.75), ..., [-0.25, 0]; values outside go to the end bins.
+# Fixed (not data-dependent) so two SAEs evaluated on the same tokens are compared within the same bins. Quarter,
+# not half, decades: concentration still falls steeply with frequency inside a bin for latents firing < ~30 times.
+FREQ_BIN_EDGES: tuple[float, ...] = tuple(e / 4 for e in range(-28, 1))
+_CANDIDATE_SEED = 1_000_003  # offsets the candidate draw from the train/test split stream of the same seed
+
+
+class ProbeDataError(ValueError):
+    """The labels cannot be split into train and test halves holding two classes: there is nothing to probe."""
 
 
 @torch.no_grad()
@@ -99,6 +125,27 @@ def _pool(x: Tensor, y: Tensor, context_ids: Tensor, how: str) -> tuple[Tensor, 
     return pooled, label
 
 
+def _doc_features(values: Tensor, indices: Tensor, labels: Tensor | Sequence, doc_ids: Tensor,
+                  n_latents: int) -> tuple[Tensor, Tensor]:
+    """Mean code per document [D, n_latents] (float64) and its class id [D]: pooled once, so that each probe of a
+    report only picks columns instead of re-pooling every token (what `sparse_probe` does with context_ids)."""
+    values = values.reshape(-1, values.shape[-1]).cpu()
+    indices = indices.reshape(-1, indices.shape[-1]).cpu()
+    y = _class_ids(labels)
+    if y.numel() != values.shape[0] or doc_ids.numel() != values.shape[0]:
+        raise ValueError(f"labels [{y.numel()}] and doc_ids [{doc_ids.numel()}] need one entry per token "
+                         f"({values.shape[0]})")
+    _, inv = torch.unique(doc_ids.reshape(-1).cpu(), return_inverse=True)
+    d = int(inv.max()) + 1
+    label = torch.full((d,), -1, dtype=torch.long).scatter_(0, inv, y)
+    if not torch.equal(label[inv], y):
+        raise ValueError("labels must be constant within each context when pooling by context_ids")
+    live = values != 0
+    cell = inv[:, None].expand_as(indices)[live] * n_latents + indices[live]
+    x = torch.zeros(d * n_latents, dtype=torch.float64).index_add_(0, cell, values[live].to(torch.float64))
+    return x.view(d, n_latents) / torch.bincount(inv, minlength=d).to(torch.float64)[:, None], label
+
+
 def _anova_f(x: Tensor, y: Tensor, n_classes: int) -> Tensor:
     """Per-feature ANOVA F statistic (between-class over within-class variance); 0 for constant features."""
     counts = torch.bincount(y, minlength=n_classes).to(x.dtype)
@@ -113,6 +160,8 @@ def _anova_f(x: Tensor, y: Tensor, n_classes: int) -> Tensor:
 
 
 def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
+    """L-BFGS on a tiny problem ([examples, k_features]) on one thread: extra OpenMP threads only add overhead
+    (10x slower on a shared CPU); the process's thread count is restored afterwards."""
     w = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, requires_grad=True)
     b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
@@ -123,38 +172,53 @@ def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tens
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return w.detach(), b.detach()
 
 
-def sparse_probe(
-    codes: Codes,
-    labels: Tensor | Sequence,
-    *,
-    latents: Tensor,
-    k_features: int = 8,
-    seed: int = 0,
-    context_ids: Tensor | None = None,
-    pool: str = "mean",
-    train_fraction: float = 0.5,
-    l2: float = 1e-3,
-) -> dict:
-    """Held-out accuracy of predicting `labels` from the `k_features` best of `latents`.
+def _as_latents(latents: Tensor | Sequence[int], name: str = "latents") -> Tensor:
+    out = torch.as_tensor(latents).reshape(-1).to(torch.long).cpu()
+    if out.numel() == 0:
+        raise ValueError(f"{name} must name at least one latent")
+    return out
 
-    codes: dense [N, n] or sparse (values [N, w], indices [N, w]) per token; labels: one per token (ints or
-    strings). With `context_ids`, tokens are pooled per context (mean or max) and each context is one example
-    (its label must be constant). Split, selection and fit are seeded. Returns dict(accuracy, baseline (the
-    train-majority class scored on the test half), lift, train_accuracy, n_train, n_test, n_classes,
-    selected (latent ids, best first)).
+
+def _draw_candidates(latents: Tensor, candidates: int | None, seed: int) -> Tensor:
+    """`candidates` latents drawn without replacement (seeded, kept in the subset's order); all if there are fewer."""
+    if candidates is None or latents.numel() <= candidates:
+        return latents
+    g = torch.Generator().manual_seed(seed + _CANDIDATE_SEED)
+    return latents[torch.randperm(latents.numel(), generator=g)[:candidates].sort().values]
+
+
+def sparse_probe(codes: Codes, labels: Tensor | Sequence, *, latents: Tensor, k_features: int = 8,
+                 candidates: int | None = 64, seed: int = 0, context_ids: Tensor | None = None, pool: str = "mean",
+                 train_fraction: float = 0.5, l2: float = 1e-3) -> dict:
+    """Held-out accuracy of predicting `labels` from the `k_features` best of `candidates` latents of `latents`.
+
+    Every probe sees the same number of candidates: `candidates` latents are drawn (seeded) from a larger subset,
+    a subset of at most `candidates` latents is used whole (None = always whole). Otherwise a large group would
+    win by having more chances to hold a lucky latent. codes: dense [N, n] or sparse (values [N, w], indices
+    [N, w]) per token; labels: one per token (ints or strings). With `context_ids`, tokens are pooled per context
+    (mean or max) and each context is one example (its label must be constant). Split, draw, selection and fit
+    are seeded. Returns dict(accuracy, baseline (the train-majority class scored on the test half), lift,
+    train_accuracy, n_train, n_test, n_classes, candidates (latent ids probed), selected (latent ids, best first)).
+    Raises ProbeDataError when the labels cannot be split into two halves with two classes in the train half.
     """
-    latents = torch.as_tensor(latents).reshape(-1).to(torch.long).cpu()
-    if latents.numel() == 0:
-        raise ValueError("latents must name at least one latent to probe")
+    latents = _as_latents(latents)
     if k_features < 1:
         raise ValueError(f"k_features must be >= 1, got {k_features}")
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"candidates must be >= 1 (or None for the whole subset), got {candidates}")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction}")
+    latents = _draw_candidates(latents, candidates, seed)
     x = _subset_dense(codes, latents)
     y = _class_ids(labels)
     if y.numel() != x.shape[0]:
@@ -168,10 +232,10 @@ def sparse_probe(
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = int(round(train_fraction * n))
     if n_train < 2 or n - n_train < 1:
-        raise ValueError(f"too few examples ({n}) to split into train and test halves")
+        raise ProbeDataError(f"too few examples ({n}) to split into train and test halves")
     tr, te = perm[:n_train], perm[n_train:]
     if torch.unique(y[tr]).numel() < 2:
-        raise ValueError("the train half holds a single class; need labelled data with at least two classes")
+        raise ProbeDataError("the train half holds a single class; need labelled data with at least two classes")
     score = _anova_f(x[tr], y[tr], n_classes)
     top = torch.sort(score, descending=True, stable=True).indices[: min(k_features, latents.numel())]
     xs = x[:, top]
@@ -191,6 +255,7 @@ def sparse_probe(
         "n_train": int(n_train),
         "n_test": int(n - n_train),
         "n_classes": n_classes,
+        "candidates": latents.tolist(),
         "selected": latents[top].tolist(),
     }
 
@@ -220,9 +285,8 @@ def token_concentration(
     out = torch.full((n_latents,), float("nan"), dtype=torch.float64)
     if v.numel() == 0:
         return out
-    o = torch.sort(v, descending=True, stable=True).indices  # then a stable sort by latent keeps value order
-    lat, tok = lat[o], tok[o]
-    o = torch.sort(lat, stable=True).indices
+    # one sort by latent, then by value descending: lat + 1/(1+v) lies in (lat, lat+1); ties keep token order
+    o = torch.sort(lat.to(torch.float64) + 1.0 / (1.0 + v.to(torch.float64)), stable=True).indices
     lat, tok = lat[o], tok[o]
     fires = torch.bincount(lat, minlength=n_latents)
     starts = fires.cumsum(0) - fires
@@ -238,39 +302,170 @@ def token_concentration(
     return out
 
 
-def interpretability_report(
-    values: Tensor,
-    indices: Tensor,
-    token_ids: Tensor,
-    n_latents: int,
-    *,
-    latents: Tensor,
-    labels: Tensor | Sequence | None = None,
-    context_ids: Tensor | None = None,
-    top: int = 50,
-    min_activations: int = 5,
-    k_features: int = 8,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Both proxies for one latent subset, as a flat float dict for tracking.
+def firing_frequency(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
+    """Per latent [n_latents] float64: fraction of tokens on which it is active (value > 0) in these codes."""
+    values = values.reshape(-1, values.shape[-1]).cpu()
+    indices = indices.reshape(-1, indices.shape[-1]).cpu()
+    fires = torch.bincount(indices[values > 0], minlength=n_latents)[:n_latents]
+    return fires.to(torch.float64) / max(values.shape[0], 1)
 
-    token_concentration_mean is over the subset's latents with >= `min_activations` activations
-    (n_judged of n_subset); the probe runs only when `labels` is given.
+
+def _nanmean(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else math.nan
+
+
+@dataclass(frozen=True)
+class MatchedConcentration:
+    """Token concentration of a subset read against latents of the same firing frequency (one SAE, one code)."""
+
+    excess: float  # mean of excess_per_latent over the matched latents (NaN if none)
+    excess_per_latent: Tensor  # [len(subset)] conc minus its bin's reference mean; NaN = unjudged or unmatched
+    n_matched: int
+    edges: Tensor  # [B + 1] log10 firing-frequency bin edges
+    subset_mean: Tensor  # [B] mean concentration of the subset's judged latents per bin (NaN where empty)
+    subset_count: Tensor  # [B] judged subset latents per bin
+    reference_mean: Tensor  # [B] mean concentration of the reference latents per bin (NaN where empty)
+
+    def binned(self, name: str = "token_conc") -> dict[str, float]:
+        """Flat keys `<name>_logf<lo>` (bin [lo, lo + width) of log10 frequency) for the subset's non-empty bins."""
+        return {f"{name}_logf{float(self.edges[b]):g}": float(self.subset_mean[b])
+                for b in range(self.subset_mean.numel()) if self.subset_count[b] > 0}
+
+
+def frequency_matched_concentration(conc: Tensor, freq: Tensor, subset: Tensor | Sequence[int], *,
+                                    reference: Tensor | Sequence[int] | None = None,
+                                    bins: Sequence[float] = FREQ_BIN_EDGES) -> MatchedConcentration:
+    """Token concentration of `subset` minus that of reference latents with the same firing frequency.
+
+    conc, freq: per latent [n] (from `token_concentration` and `firing_frequency` on the same codes; NaN conc =
+    not judged). Latents fall in fixed log10-frequency bins `bins` (default FREQ_BIN_EDGES: quarter-decades
+    from 1e-7 to 1; frequencies outside go to the end bins). Reference: the judged latents of `reference` (default:
+    every judged, i.e. live, latent of the SAE). A subset latent's excess is its concentration minus the mean
+    concentration of the OTHER reference latents in its bin (leave-one-out, so a latent is never its own
+    baseline and the whole SAE's excess is exactly 0); NaN when its bin holds no other reference latent.
+    `excess` averages the per-latent excesses, so the subset's own frequency mix no longer moves it.
     """
-    latents = torch.as_tensor(latents).reshape(-1).to(torch.long)
-    conc = token_concentration(values, indices, token_ids, n_latents, top=top, min_activations=min_activations)
+    conc = conc.reshape(-1).to(torch.float64).cpu()
+    freq = freq.reshape(-1).to(torch.float64).cpu()
+    if conc.shape != freq.shape:
+        raise ValueError(f"conc [{conc.numel()}] and freq [{freq.numel()}] must have one entry per latent")
+    edges = torch.as_tensor(bins, dtype=torch.float64)
+    if edges.numel() < 2 or bool((edges[1:] <= edges[:-1]).any()):
+        raise ValueError(f"bins must be >= 2 strictly increasing log10 edges, got {edges.tolist()}")
+    subset = _as_latents(subset, "subset")
+    judged = ~torch.isnan(conc)
+    in_ref = torch.zeros_like(judged) if reference is not None else judged.clone()
+    if reference is not None:
+        in_ref[_as_latents(reference, "reference")] = True
+        in_ref &= judged
+    n_bins = edges.numel() - 1
+    bin_of = torch.bucketize(torch.log10(freq), edges[1:-1], right=True)
+    ref_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bin_of[in_ref], conc[in_ref])
+    ref_n = torch.bincount(bin_of[in_ref], minlength=n_bins).to(torch.float64)
+    b, c, own = bin_of[subset], conc[subset], in_ref[subset]
+    others = ref_n[b] - own.to(torch.float64)
+    base = (ref_sum[b] - torch.where(own, c, torch.zeros_like(c))) / others.clamp_min(1)
+    excess = torch.where((others > 0) & ~torch.isnan(c), c - base, torch.full_like(c, math.nan))
+    ok = ~torch.isnan(c)
+    sub_n = torch.bincount(b[ok], minlength=n_bins).to(torch.float64)
+    sub_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b[ok], c[ok])
+    return MatchedConcentration(
+        excess=_nanmean(excess),
+        excess_per_latent=excess,
+        n_matched=int((~torch.isnan(excess)).sum()),
+        edges=edges,
+        subset_mean=sub_sum / sub_n.where(sub_n > 0, torch.full_like(sub_n, math.nan)),
+        subset_count=sub_n.to(torch.long),
+        reference_mean=ref_sum / ref_n.where(ref_n > 0, torch.full_like(ref_n, math.nan)),
+    )
+
+
+def random_subset_baseline(metric_fn: Callable[[Tensor], float], n_latents: int, size: int, draws: int = 5,
+                           seed: int = 0, pool: Tensor | Sequence[int] | None = None) -> dict[str, float]:
+    """Mean and std of `metric_fn(latents)` over `draws` seeded random subsets of `size` latents of one SAE.
+
+    Subsets are drawn without replacement from `pool` (default all n_latents; pass the live latents to leave dead
+    ones out), capped at the pool's size. Draws whose metric is NaN are left out; std is the sample std (n - 1),
+    0 for one draw. Returns dict(mean, std, n_draws).
+    """
+    if draws < 1 or size < 1:
+        raise ValueError(f"draws and size must be >= 1, got draws={draws}, size={size}")
+    pool_t = torch.arange(n_latents) if pool is None else _as_latents(pool, "pool")
+    g = torch.Generator().manual_seed(seed)
+    vals = [metric_fn(pool_t[torch.randperm(pool_t.numel(), generator=g)[: min(size, pool_t.numel())]].sort().values)
+            for _ in range(draws)]
+    v = torch.tensor([x for x in vals if not math.isnan(x)], dtype=torch.float64)
+    if v.numel() == 0:
+        return {"mean": math.nan, "std": math.nan, "n_draws": 0.0}
+    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0, "n_draws": float(v.numel())}
+
+
+def proxy_report(values: Tensor, indices: Tensor, token_ids: Tensor, n_latents: int, *,
+                 latents: Tensor | Sequence[int], freq: Tensor | None = None, labels: Tensor | Sequence | None = None,
+                 doc_ids: Tensor | None = None, top: int = 32, min_activations: int = 5, k_features: int = 8,
+                 candidates: int = 64, random_draws: int = 5, seed: int = 0, pool: Tensor | Sequence[int] | None = None,
+                 binned: bool = False, conc: Tensor | None = None) -> dict[str, float]:
+    """Every proxy for one latent subset as flat floats (the caller adds `proxy/` and the group or method).
+
+    values/indices: sparse codes [N, w]; token_ids [N]; freq: per-latent firing frequency (default: measured on
+    these codes). Keys: token_conc (mean over the subset's latents with >= `min_activations` activations),
+    n_judged, n_subset, token_conc_excess (frequency-matched, see `frequency_matched_concentration`, reference
+    = judged latents of `pool`), n_matched; with random_draws > 0 also token_conc_random, token_conc_random_std,
+    token_conc_lift (vs `random_draws` size-matched random subsets of `pool`, default all latents). With
+    `labels` (pooled per `doc_ids` when given) and data that can be split: probe_acc, probe_baseline, probe_lift
+    (vs the majority class), and with random_draws > 0 probe_acc_random, probe_acc_random_std, probe_acc_lift
+    (the random subsets use the same split and the same number of candidates). `binned` adds the subset's
+    per-frequency-bin means (`token_conc_logf<lo>`). `conc`: `token_concentration` of these codes with the same
+    top/min_activations, to reuse it across the subsets of one SAE (the costly part without labels).
+    """
+    latents = _as_latents(latents)
+    if conc is None:
+        conc = token_concentration(values, indices, token_ids, n_latents, top=top, min_activations=min_activations)
+    elif conc.numel() != n_latents:
+        raise ValueError(f"conc must have one entry per latent ({n_latents}), got {conc.numel()}")
+    freq = firing_frequency(values, indices, n_latents) if freq is None else freq
     sub = conc[latents]
-    judged = sub[~torch.isnan(sub)]
-    out = {
-        "token_concentration_mean": float(judged.mean()) if judged.numel() else float("nan"),
-        "n_judged": float(judged.numel()),
-        "n_subset": float(latents.numel()),
-    }
-    if labels is not None:
-        probe = sparse_probe(
-            (values, indices), labels, latents=latents, k_features=k_features, seed=seed, context_ids=context_ids
-        )
-        out.update(
-            probe_accuracy=probe["accuracy"], probe_baseline=probe["baseline"], probe_lift=probe["lift"]
-        )
+    out = {"token_conc": _nanmean(sub), "n_judged": float((~torch.isnan(sub)).sum()), "n_subset": float(latents.numel())}
+    matched = frequency_matched_concentration(conc, freq, latents, reference=pool)
+    out.update(token_conc_excess=matched.excess, n_matched=float(matched.n_matched))
+    if binned:
+        out.update(matched.binned())
+    size = latents.numel()
+    if random_draws > 0:
+        rnd = random_subset_baseline(lambda s: _nanmean(conc[s]), n_latents, size, random_draws, seed, pool)
+        out.update(token_conc_random=rnd["mean"], token_conc_random_std=rnd["std"],
+                   token_conc_lift=out["token_conc"] - rnd["mean"])
+    if labels is None:
+        return out
+    codes: Codes = (values, indices)
+    if doc_ids is not None and doc_ids.numel() > 0 and int(doc_ids.unique().numel()) * n_latents <= 2**25:
+        codes, labels, doc_ids = *_doc_features(values, indices, labels, doc_ids, n_latents), None
+
+    def probe(subset: Tensor) -> dict:  # the same split, seed and number of candidates for every subset
+        return sparse_probe(codes, labels, latents=subset, k_features=k_features, candidates=candidates, seed=seed,
+                            context_ids=doc_ids)
+
+    try:
+        res = probe(latents)
+    except ProbeDataError:
+        return out
+    out.update(probe_acc=res["accuracy"], probe_baseline=res["baseline"], probe_lift=res["lift"])
+    if random_draws > 0:
+        rnd = random_subset_baseline(lambda s: probe(s)["accuracy"], n_latents, size, random_draws, seed, pool)
+        out.update(probe_acc_random=rnd["mean"], probe_acc_random_std=rnd["std"],
+                   probe_acc_lift=res["accuracy"] - rnd["mean"])
+    return out
+
+
+def interpretability_report(values: Tensor, indices: Tensor, token_ids: Tensor, n_latents: int, *, latents: Tensor,
+                            labels: Tensor | Sequence | None = None, context_ids: Tensor | None = None, top: int = 50,
+                            min_activations: int = 5, k_features: int = 8, seed: int = 0) -> dict[str, float]:
+    """The old keys (token_concentration_mean, n_judged, n_subset, probe_accuracy, probe_baseline, probe_lift)
+    from `proxy_report` without random baselines, for sae/evaluate.py until it switches to `proxy_report`."""
+    rep = proxy_report(values, indices, token_ids, n_latents, latents=latents, labels=labels, doc_ids=context_ids,
+                       top=top, min_activations=min_activations, k_features=k_features, random_draws=0, seed=seed)
+    out = {"token_concentration_mean": rep["token_conc"], "n_judged": rep["n_judged"], "n_subset": rep["n_subset"]}
+    if "probe_acc" in rep:
+        out.update(probe_accuracy=rep["probe_acc"], probe_baseline=rep["probe_baseline"], probe_lift=rep["probe_lift"])
     return out
