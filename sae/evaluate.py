@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
-from sae.interp import encode_all, group_latents, proxy_report
+from sae.interp import encode_all, firing_frequency, group_latents, proxy_report, token_concentration
 from sae.metrics import ReconstructionAccumulator, linear_cka_from_grams, rsa
 from sae.prune import RULES, order_latents, reduced_code
 
@@ -275,13 +275,14 @@ def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, re
     vals, idx = encode_all(sae, data.batches())
     n = sae.cfg.n_latents
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
-    freq = torch.bincount(idx[vals > 0], minlength=n).double() / vals.shape[0]
-    labels = data.labels
+    freq = firing_frequency(vals, idx, n)
+    conc = token_concentration(vals, idx, data.token_ids, n, top=opts.concentration_top, min_activations=5)
 
     def proxy(latents: Tensor) -> dict[str, float]:
-        return proxy_report(vals, idx, data.token_ids, n, latents=latents.cpu(), freq=freq, labels=labels,
+        return proxy_report(vals, idx, data.token_ids, n, latents=latents.cpu(), freq=freq, labels=data.labels,
                             doc_ids=data.doc_ids, top=opts.concentration_top, k_features=opts.probe_features,
-                            candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.seed)
+                            candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.seed,
+                            conc=conc)
 
     for r in reduced:
         if r.rule == PRIMARY_RULE and r.draw == 0 and r.method in detailed:

@@ -456,16 +456,3 @@ def proxy_report(values: Tensor, indices: Tensor, token_ids: Tensor, n_latents: 
         out.update(probe_acc_random=rnd["mean"], probe_acc_random_std=rnd["std"],
                    probe_acc_lift=res["accuracy"] - rnd["mean"])
     return out
-
-
-def interpretability_report(values: Tensor, indices: Tensor, token_ids: Tensor, n_latents: int, *, latents: Tensor,
-                            labels: Tensor | Sequence | None = None, context_ids: Tensor | None = None, top: int = 50,
-                            min_activations: int = 5, k_features: int = 8, seed: int = 0) -> dict[str, float]:
-    """The old keys (token_concentration_mean, n_judged, n_subset, probe_accuracy, probe_baseline, probe_lift)
-    from `proxy_report` without random baselines, for sae/evaluate.py until it switches to `proxy_report`."""
-    rep = proxy_report(values, indices, token_ids, n_latents, latents=latents, labels=labels, doc_ids=context_ids,
-                       top=top, min_activations=min_activations, k_features=k_features, random_draws=0, seed=seed)
-    out = {"token_concentration_mean": rep["token_conc"], "n_judged": rep["n_judged"], "n_subset": rep["n_subset"]}
-    if "probe_acc" in rep:
-        out.update(probe_accuracy=rep["probe_acc"], probe_baseline=rep["probe_baseline"], probe_lift=rep["probe_lift"])
-    return out

@@ -13,7 +13,6 @@ from sae.interp import (
     firing_frequency,
     frequency_matched_concentration,
     group_latents,
-    interpretability_report,
     proxy_report,
     random_subset_baseline,
     sparse_probe,
@@ -86,8 +85,9 @@ def test_token_concentration():
     assert conc[0] == 1.0
     assert conc[1] < 0.5
     assert math.isnan(conc[2]) and math.isnan(conc[3])  # never fired (latent 3 only as zero padding)
-    rep = interpretability_report(values, indices, tokens, 4, latents=torch.tensor([0, 1, 2]), top=50)
-    assert rep["n_judged"] == 2 and rep["token_concentration_mean"] == pytest.approx((1.0 + float(conc[1])) / 2)
+    rep = proxy_report(values, indices, tokens, 4, latents=torch.tensor([0, 1, 2]), top=50, min_activations=1,
+                       random_draws=0)
+    assert rep["n_judged"] == 2 and rep["token_conc"] == pytest.approx((1.0 + float(conc[1])) / 2)
 
 
 def test_top_n_counts_only_largest_activations():
@@ -255,7 +255,5 @@ def test_unsplittable_labels_skip_the_probe():
         sparse_probe((values, indices), one_class, latents=torch.arange(64), context_ids=docs)
     rep = proxy_report(values, indices, tokens, 2048, latents=torch.arange(64), labels=one_class, doc_ids=docs)
     assert "token_conc" in rep and not any(k.startswith("probe") for k in rep)
-    old = interpretability_report(values, indices, tokens, 2048, latents=torch.arange(64), labels=labels,
-                                  context_ids=docs)
-    assert set(old) == {"token_concentration_mean", "n_judged", "n_subset", "probe_accuracy", "probe_baseline",
-                        "probe_lift"}
+    both = proxy_report(values, indices, tokens, 2048, latents=torch.arange(64), labels=labels, doc_ids=docs)
+    assert {"probe_acc", "probe_baseline", "probe_lift", "probe_acc_random", "probe_acc_lift"} <= set(both)
