@@ -3,9 +3,11 @@
 Cases, run interleaved (one timed block of each per repeat, medians reported, warm-up steps excluded):
   (a) vanilla TopK with this trainer        (b) Matryoshka, doubling groups, this trainer
   (c) naive dense reference (below)         (d) (a) with compute_dtype=bfloat16 (+ FVU vs (a) on the same data)
-Prints one line per case (median over repeats, [min-max]), then `speedup_vs_naive: X` ((a)/(c) tokens/s) and
-`matryoshka_cost: Y` ((b)/(a) time), each the median of per-repeat ratios (the cases of one repeat run
-back-to-back, so a ratio sees one machine load). Timings on a shared machine are noisy: use more --repeats.
+  (e) (a) with --dead-fraction of the latents dead (AuxK runs every step)   (f) (d) likewise
+Prints one line per case (median over repeats, [min-max]), then `speedup_vs_naive: X` ((a)/(c) tokens/s),
+`matryoshka_cost: Y` ((b)/(a) time) and `dead_latent_ratio_fp32: Z` / `dead_latent_ratio_bf16: W` ((e)/(a) and
+(f)/(d) tokens/s), each the median of per-repeat ratios (the cases of one repeat run back-to-back, so a ratio
+sees one machine load). Timings on a shared machine are noisy: use more --repeats.
 CPU threads default to 1: on a box shared with other jobs, every multi-threaded op stalls while another
 process holds one of the cores, which punishes a step of many short ops (this trainer) far more than one of a
 few long matmuls (the naive SAE). On a quiet machine `--threads 0` (torch's default) is faster for all cases.
@@ -62,10 +64,18 @@ class NaiveRunner:
 
 
 class TrainerRunner:
-    def __init__(self, sae_cfg: SAEConfig, train_cfg: TrainConfig):
+    def __init__(self, sae_cfg: SAEConfig, train_cfg: TrainConfig, dead_fraction: float = 0.0):
         self.trainer = Trainer([(sae_cfg, train_cfg)])
+        member = self.trainer._members[0]
+        n = sae_cfg.n_latents
+        # a fixed, seeded set of latents made dead before every step (a step resets the counters of those firing)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        self.dead = perm[: round(dead_fraction * n)].to(member.device)
+        self.member = member
 
     def train_step(self, x: torch.Tensor) -> None:
+        if self.dead.numel() > 0:
+            self.member.since_fired.zero_().index_fill_(0, self.dead, self.member.train_cfg.dead_tokens)
         self.trainer.fit([x])  # fit keeps metrics on the device: no host sync per step
 
 
@@ -107,7 +117,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; default 1 on CPU (see above), torch's default elsewhere; 0 = torch's")
-    p.add_argument("--cases", default="abcd", help="which cases to run, e.g. 'ab' (ratios need their cases)")
+    p.add_argument("--dead-fraction", type=float, default=0.25, help="share of latents kept dead in cases (e), (f)")
+    p.add_argument("--cases", default="abcdef", help="which cases to run, e.g. 'ae' (ratios need their cases)")
     a = p.parse_args()
     device = torch.device(a.device)
     threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else 0)
@@ -120,17 +131,20 @@ def main() -> None:
     data = make_data(4, B, d, device)
     held_out = make_data(1, B, d, device, seed=1)[0]
     tc = TrainConfig(device=a.device, warmup_steps=0)
+    bf16 = tc.model_copy(update={"compute_dtype": "bfloat16"})
     base = SAEConfig(d_in=d, n_latents=n, k=k)
     build = {
         "a": ("a_topk_fp32", lambda: TrainerRunner(base, tc)),
         "b": ("b_matryoshka_fp32", lambda: TrainerRunner(
             base.model_copy(update={"partition": resolve_partition(f"doubling:{a.groups}", n)}), tc)),
         "c": ("c_naive_dense_fp32", lambda: NaiveRunner(d, n, k, tc.learning_rate(n), device)),
-        "d": ("d_topk_bf16", lambda: TrainerRunner(base, tc.model_copy(update={"compute_dtype": "bfloat16"}))),
+        "d": ("d_topk_bf16", lambda: TrainerRunner(base, bf16)),
+        "e": ("e_topk_dead_fp32", lambda: TrainerRunner(base, tc, a.dead_fraction)),
+        "f": ("f_topk_dead_bf16", lambda: TrainerRunner(base, bf16, a.dead_fraction)),
     }
     if not set(a.cases) <= set(build):
-        p.error(f"--cases must use letters from 'abcd', got {a.cases!r}")
-    cases: dict[str, object] = {build[c][0]: build[c][1]() for c in "abcd" if c in a.cases}
+        p.error(f"--cases must use letters from 'abcdef', got {a.cases!r}")
+    cases: dict[str, object] = {build[c][0]: build[c][1]() for c in "abcdef" if c in a.cases}
     step_of = dict.fromkeys(cases, 0)
 
     def run(name: str, steps: int) -> float:
@@ -167,6 +181,9 @@ def main() -> None:
         print(f"speedup_vs_naive: {paired('c_naive_dense_fp32', 'a_topk_fp32'):.2f}")
     if {"a_topk_fp32", "b_matryoshka_fp32"} <= set(cases):
         print(f"matryoshka_cost: {paired('b_matryoshka_fp32', 'a_topk_fp32'):.3f}")
+    for dt, alive, dead in (("fp32", "a_topk_fp32", "e_topk_dead_fp32"), ("bf16", "d_topk_bf16", "f_topk_dead_bf16")):
+        if {alive, dead} <= set(cases):  # tokens/s with dead latents over tokens/s without
+            print(f"dead_latent_ratio_{dt}: {paired(alive, dead):.3f}")
 
 
 if __name__ == "__main__":

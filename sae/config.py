@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 Architecture = Literal["topk", "batchtopk"]
 DType = Literal["float32", "bfloat16", "float16"]
+AuxLoss = Literal["mse", "normalized"]
 
 
 class SAEConfig(BaseModel):
@@ -84,7 +85,11 @@ class TrainConfig(BaseModel):
 
     `lr=None` means 2e-4 / sqrt(n_latents / 2**14). The schedule is linear warm-up over `warmup_steps`, then
     constant, then linear decay to zero over the last `decay_fraction` of `total_tokens` (no decay if unknown).
-    AuxK reconstructs the residual from latents that have not fired for `dead_tokens` tokens.
+    AuxK reconstructs the main residual r = x - x_hat from the top `aux_k` latents among those that have not fired
+    for `dead_tokens` tokens (e_hat), and adds `aux_coef` times one of (`aux_loss`):
+      "mse"        aux = mean((e_hat - r)^2)                             (Bussmann et al.: plain per-element MSE)
+      "normalized" aux = mean((e_hat - r)^2) / mean((r - mean_batch(r))^2)   (Gao et al.'s code: scale-free, so the
+                   same aux_coef = 1/32 weighs AuxK far more once the main residual is small)
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -97,6 +102,7 @@ class TrainConfig(BaseModel):
     total_tokens: int | None = None
     aux_k: int | None = None
     aux_coef: float = 1.0 / 32.0
+    aux_loss: AuxLoss = "mse"
     dead_tokens: int = 10_000_000
     threshold_momentum: float = 0.99
     geometric_median_samples: int = 4096

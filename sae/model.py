@@ -119,6 +119,43 @@ class SparseEncoderGrad(torch.autograd.Function):
         return None, None, None, dW_enc, db_enc, db_dec
 
 
+class DenseAuxDecode(torch.autograd.Function):
+    """e_hat = z W_dec[cols] for a code over the latent subset `cols` that is dense enough for BLAS to win.
+
+    z [B, len(cols)] is scattered from (values, local indices) [B, k'] picked without autograd from the ReLU'd
+    pre-activations (the AuxK code over the dead latents); the backward sends gradients to W_dec[cols] (z^T g),
+    W_enc[:, cols] (xc^T G), b_enc[cols] and b_dec, with G the code gradient kept only at the picked, firing
+    entries, as in SparseEncoderGrad. Three dense [B, len(cols)] x d matmuls in all (forward, dz, z^T g) plus
+    xc^T G, run in `compute_dtype` when given (z is exact there: it was read off pre in that dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, values, local_idx, cols, xc, W_enc, b_enc, b_dec, W_dec, compute_dtype):
+        cd = compute_dtype or W_dec.dtype
+        z = values.new_zeros(values.shape[0], cols.numel()).scatter_(1, local_idx, values).to(cd)
+        wd = W_dec.index_select(0, cols).to(cd)
+        ctx.save_for_backward(values, local_idx, cols, xc, W_enc, z, wd)
+        ctx.w_dec_shape = W_dec.shape
+        return (z @ wd).to(W_dec.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, local_idx, cols, xc, W_enc, z, wd = ctx.saved_tensors
+        g = grad.to(z.dtype)
+        dW_dec = None
+        if ctx.needs_input_grad[7]:
+            dW_dec = W_enc.new_zeros(ctx.w_dec_shape).index_copy_(0, cols, (z.t() @ g).to(W_enc.dtype))
+        g_sel = (g @ wd.t()).gather(1, local_idx).to(W_enc.dtype) * (values > 0)  # only picked, firing entries
+        db_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(
+            0, cols, W_enc.new_zeros(cols.numel()).index_add_(0, local_idx.reshape(-1), g_sel.reshape(-1)))
+        dW_enc = None
+        if ctx.needs_input_grad[4]:
+            G = z.new_zeros(z.shape).scatter_(1, local_idx, g_sel.to(z.dtype))
+            dW_enc = torch.zeros_like(W_enc).index_copy_(1, cols, (xc.to(z.dtype).t() @ G).to(W_enc.dtype))
+        db_dec = -(W_enc @ db_enc) if ctx.needs_input_grad[6] else None
+        return None, None, None, None, dW_enc, db_enc, db_dec, dW_dec, None
+
+
 class SparseAutoencoder(torch.nn.Module):
     """z = TopK(ReLU((x - b_dec) W_enc + b_enc)); x_hat = z W_dec + b_dec (in normalised space)."""
 

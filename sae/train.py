@@ -1,8 +1,9 @@
 """Training loop: one stream of batches feeds one or several SAEs (each batch is read once).
 
 Per step and SAE: one dense encoder matmul, TopK / BatchTopK selection, a sparse decode (vanilla, or the
-Matryoshka per-group partial decodes), optional AuxK on dead latents, sparse encoder gradients
-(`SparseEncoderGrad`), decoder-gradient projection, Adam, then decoder rows back to unit norm.
+Matryoshka per-group partial decodes), optional AuxK on dead latents (sparse, or dense over the dead columns when
+its code is dense enough: `auxk_loss`), sparse encoder gradients (`SparseEncoderGrad`), decoder-gradient
+projection, Adam, then decoder rows back to unit norm.
 State (weights, Adam moments, dead counters, thresholds, counters) round-trips through `state_dict` so a run
 resumes bit-for-bit on the same CPU (on CUDA, atomic adds in index_add_ and sparse coalescing make runs
 reproducible only up to float rounding).
@@ -19,9 +20,14 @@ from torch import Tensor
 
 from sae.config import SAEConfig, TrainConfig
 from sae.matryoshka import matryoshka_loss
-from sae.model import SparseAutoencoder, SparseEncoderGrad, sparse_decode, torch_dtype
+from sae.model import DenseAuxDecode, SparseAutoencoder, SparseEncoderGrad, sparse_decode, torch_dtype
 
-METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  # + prefix_fvu/<m> for Matryoshka
+# AuxK goes dense over the dead columns once aux_k / n_dead reaches this. Measured on the 2-core dev box (d=576,
+# n=4608, B=4096, aux_k=288, forward+backward): the sparse kernels (embedding bag, COO matmuls) reach ~1/10 of a
+# BLAS matmul's flop/s, so dense wins from density ~0.08 (fp32) / ~0.07 (bf16): at 0.25 it takes ~0.55x the time,
+# at 0.06 ~1.2x. Re-measure on other hardware (a GPU's crossover differs).
+AUXK_DENSE_MIN_DENSITY = 0.1
 _ALLOCATOR_TUNED = False
 
 
@@ -65,6 +71,35 @@ class _Member:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=train_cfg.betas,
                                     eps=train_cfg.eps, **kw)
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device)
+        self._idle_bound: int | None = 0  # host-side upper bound on max(since_fired); None = unknown
+        self._idle_key = self._counter_key()
+
+    def _counter_key(self) -> tuple[int, int]:
+        """Changes on every write to since_fired (autograd's version counter) or when it is replaced."""
+        return id(self.since_fired), self.since_fired._version
+
+    def dead_latents(self) -> Tensor | None:
+        """Indices of the dead latents, or None when there are none; syncs with the host only when some may be.
+
+        The host-side bound on max(since_fired) (it grows by at most the batch per step) skips the check, and its
+        sync, until a latent could have reached dead_tokens. The bound is tied to the counter's version, so
+        anything else that writes since_fired (load_state_dict, a test, a benchmark) forces an exact check.
+        """
+        dead_tokens = self.train_cfg.dead_tokens
+        if self._idle_bound is not None and self._idle_key == self._counter_key() and self._idle_bound < dead_tokens:
+            return None
+        dead_idx = (self.since_fired >= dead_tokens).nonzero().squeeze(1)
+        self._idle_bound = None if dead_idx.numel() > 0 else int(self.since_fired.max())
+        self._idle_key = self._counter_key()
+        return dead_idx if dead_idx.numel() > 0 else None
+
+    @torch.no_grad()
+    def count_tokens(self, fired: Tensor, n_tokens: int) -> None:
+        """since_fired += n_tokens, reset where a latent fired; advances the host bound without a sync."""
+        known = self._idle_bound is not None and self._idle_key == self._counter_key()
+        self.since_fired.add_(n_tokens).masked_fill_(fired, 0)
+        self._idle_bound = self._idle_bound + n_tokens if known else None
+        self._idle_key = self._counter_key()
 
     def lr_at(self, step: int, tokens_seen: int) -> float:
         """Linear warm-up over warmup_steps, then constant, then linear decay over the last decay_fraction."""
@@ -145,9 +180,9 @@ class Trainer:
         main, recon, per_prefix = matryoshka_loss(x_n, vals, idx, sae.W_dec, sae.b_dec, bounds, cfg.weights)
         loss = main
         aux = torch.zeros((), device=x.device)
-        dead = m.since_fired >= tc.dead_tokens
-        if tc.aux_coef > 0 and bool(dead.any()):
-            aux = self._aux_loss(sae, m.aux_k, dead, pre, xc, x_n - recon.detach())
+        dead_idx = m.dead_latents() if tc.aux_coef > 0 else None
+        if dead_idx is not None:
+            aux = auxk_loss(sae, m.aux_k, dead_idx, pre, xc, x_n - recon.detach(), normalized=tc.aux_loss == "normalized")
             loss = main + tc.aux_coef * aux
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -165,31 +200,20 @@ class Trainer:
             vals = vals.detach()
             if cfg.architecture == "batchtopk":
                 sae.update_threshold(vals, tc.threshold_momentum)
-            fired = torch.zeros_like(dead)
-            fired[idx[vals > 0]] = True
-            m.since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-            mse = per_prefix[-1]  # the whole dictionary's reconstruction
+            fires = (vals > 0).reshape(-1).to(torch.int32)  # a scatter, not a boolean index: no host sync
+            hits = torch.zeros(cfg.n_latents, dtype=torch.int32, device=x.device).index_add_(0, idx.reshape(-1), fires)
+            m.count_tokens(hits > 0, x.shape[0])
             var = x_n.var(dim=0, correction=0).sum()  # per-token total variance
-            return {
-                "loss": loss.detach(), "mse": mse, "fvu": mse * x_n.shape[1] / var.clamp_min(1e-12),
+            fvu_per_prefix = per_prefix * (x_n.shape[1] / var.clamp_min(1e-12))
+            out: dict[str, Tensor | float] = {
+                "loss": loss.detach(), "mse": per_prefix[-1], "fvu": fvu_per_prefix[-1],
                 "l0": (vals > 0).sum(1).float().mean(), "aux_loss": aux.detach(),
                 "dead_fraction": (m.since_fired >= tc.dead_tokens).float().mean(),
                 "lr": lr,
             }
-
-    @staticmethod
-    def _aux_loss(sae: SparseAutoencoder, aux_k: int, dead: Tensor, pre: Tensor, xc: Tensor,
-                  residual: Tensor) -> Tensor:
-        """AuxK (Gao et al.): the top aux_k *dead* latents of each token reconstruct the main residual."""
-        dead_idx = dead.nonzero().squeeze(1)
-        with torch.no_grad():
-            pre_dead = pre.index_select(1, dead_idx)
-            av, ai = pre_dead.topk(min(aux_k, dead_idx.numel()), dim=1, sorted=False)
-            av = av.float().clamp_min_(0)
-            ai = dead_idx[ai]
-        av = SparseEncoderGrad.apply(av, ai, xc, sae.W_enc, sae.b_enc, sae.b_dec)
-        e_hat = sparse_decode(av, ai, sae.W_dec)
-        return (e_hat - residual).pow(2).mean()
+            if cfg.is_matryoshka:  # per_prefix[-1] is the whole dictionary, so prefix_fvu/<n> == fvu
+                out.update({f"prefix_fvu/{b}": fvu_per_prefix[j] for j, b in enumerate(bounds)})
+            return out
 
     def _step_tensors(self, batch: Tensor) -> list[dict[str, Tensor | float]] | None:
         """One step for every unfinished SAE; metrics stay tensors (no host sync) until someone reads them."""
@@ -214,7 +238,8 @@ class Trainer:
 
         loss = main + aux_coef * aux_loss; mse is per element in the normalised space (mean input norm
         sqrt(d_in)); fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (scale-free); l0 counts
-        firing latents per token; dead_fraction = share of latents silent for >= dead_tokens tokens.
+        firing latents per token; dead_fraction = share of latents silent for >= dead_tokens tokens; a Matryoshka
+        SAE adds prefix_fvu/<m> per group boundary m (the fvu of latents [0, m) alone; prefix_fvu/<n> == fvu).
         """
         out = self._step_tensors(batch)
         if out is None:
@@ -272,6 +297,36 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.initialised = bool(state["initialised"])
+
+
+def auxk_loss(sae: SparseAutoencoder, aux_k: int, dead_idx: Tensor, pre: Tensor, xc: Tensor, residual: Tensor,
+              *, normalized: bool = False, dense: bool | None = None) -> Tensor:
+    """AuxK (Gao et al.): the top aux_k *dead* latents of each token reconstruct the (detached) main residual.
+
+    pre [B, n] are the step's pre-activations (no grad), xc = x_norm - b_dec; returns the per-element MSE, divided
+    by the residual's per-element variance when `normalized` (TrainConfig.aux_loss). Gradients reach W_enc,
+    b_enc, b_dec and W_dec of the selected dead latents. `dense=None` picks the path by the code's density
+    aux_k / n_dead (AUXK_DENSE_MIN_DENSITY): both give the same loss and gradients up to float rounding.
+    """
+    n_dead = dead_idx.numel()
+    ka = min(aux_k, n_dead)
+    with torch.no_grad():
+        pre_dead = pre.index_select(1, dead_idx)
+        av, ai = pre_dead.topk(ka, dim=1, sorted=False)
+        av = av.float().clamp_min_(0)
+    if dense is None:
+        dense = ka >= AUXK_DENSE_MIN_DENSITY * n_dead
+    if dense:
+        e_hat = DenseAuxDecode.apply(av, ai, dead_idx, xc, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec,
+                                     sae.compute_dtype)
+    else:
+        ai = dead_idx[ai]
+        av = SparseEncoderGrad.apply(av, ai, xc, sae.W_enc, sae.b_enc, sae.b_dec)
+        e_hat = sparse_decode(av, ai, sae.W_dec)
+    aux = (e_hat - residual).pow(2).mean()
+    if normalized:
+        aux = aux / residual.var(dim=0, correction=0).mean().clamp_min(1e-12)
+    return aux
 
 
 def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, batches: Iterable[Tensor], **fit_kwargs

@@ -1,4 +1,5 @@
-"""Trainer: feature recovery on planted data, BatchTopK L0, errors, exact resume, multi-SAE streams, AuxK."""
+"""Trainer: feature recovery on planted data, BatchTopK L0, errors, exact resume, multi-SAE streams, AuxK (dense and
+sparse paths, normalised form), Matryoshka per-prefix training FVU."""
 
 import copy
 import io
@@ -9,7 +10,7 @@ from synthetic import batches, best_cosines, make_planted, single_thread
 
 from sae.config import SAEConfig, TrainConfig
 from sae.model import geometric_median
-from sae.train import Trainer, train_sae
+from sae.train import AUXK_DENSE_MIN_DENSITY, METRIC_NAMES, Trainer, auxk_loss, train_sae
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -218,3 +219,111 @@ def test_fit_stops_at_max_tokens(planted):
     calls = []
     trainer.fit(batches(planted.x, 100), max_tokens=1000, callback=lambda t, m: calls.append(t), log_every=3)
     assert trainer.tokens_seen == 1000 and calls == [300, 600, 900, 1000]
+
+
+def test_auxk_starts_the_step_a_latent_turns_dead(planted):
+    """The host-side bound that skips the dead-latent check must never delay AuxK by a step."""
+    tc = TrainConfig(lr=1e-3, warmup_steps=0, dead_tokens=512)
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), tc)])
+    with torch.no_grad():
+        trainer.saes[0].b_enc[:6] = -1e3  # these never fire: dead once 512 tokens have passed
+    aux = [trainer.train_step(b)[0]["aux_loss"] for b in batches(planted.x[:128 * 6], 128)]
+    assert aux[:4] == [0.0] * 4 and aux[4] > 0 and aux[5] > 0
+
+
+def _aux_setup(compute_dtype: str):
+    cfg = SAEConfig(d_in=32, n_latents=256, k=4)
+    sae = Trainer([(cfg, TrainConfig(compute_dtype=compute_dtype))])._members[0].sae  # as the trainer builds it
+    x = make_planted(n_features=64, n_tokens=512, seed=3).x
+    sae.initialise_from_sample(x)
+    x_n = sae.normalise(x)
+    with torch.no_grad():
+        vals, idx = sae.select(sae.pre_activations(x_n)[1])
+        residual = x_n - sae.decode_normalised(vals, idx)
+    xc, pre = sae.pre_activations(x_n)
+    dead = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:96].sort().values
+    return sae, xc, pre.detach(), residual, dead
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_dense_and_sparse_auxk_paths_agree(normalized):
+    results = {}
+    for dense in (False, True):
+        sae, xc, pre, residual, dead = _aux_setup("float32")
+        loss = auxk_loss(sae, 24, dead, pre, xc, residual, normalized=normalized, dense=dense)
+        loss.backward()
+        results[dense] = (loss.item(), {n: p.grad.clone() for n, p in sae.named_parameters()})
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    for name, g in results[False][1].items():
+        assert torch.allclose(results[True][1][name], g, atol=1e-5, rtol=1e-5), name
+        if name != "b_dec":  # only the dead latents' rows / columns get an AuxK gradient
+            alive = torch.ones(256, dtype=torch.bool)
+            alive[dead] = False
+            rows = g if name != "W_enc" else g.t()
+            assert rows[alive].abs().max() == 0 and rows[dead].abs().max() > 0, name
+    # bf16 compute: the dense path's matmuls run in bf16 (the sparse path stays fp32), so they agree to bf16
+    bf = {}
+    for dense in (False, True):
+        sae, xc, pre, residual, dead = _aux_setup("bfloat16")
+        loss = auxk_loss(sae, 24, dead, pre, xc, residual, normalized=normalized, dense=dense)
+        loss.backward()
+        bf[dense] = (loss.item(), sae.W_enc.grad.clone())
+    assert bf[True][0] == pytest.approx(bf[False][0], rel=1e-3)
+    assert (bf[True][1] - bf[False][1]).norm() <= 2e-2 * bf[False][1].norm()
+
+
+def test_density_picks_the_auxk_path():
+    sae, xc, pre, residual, dead = _aux_setup("float32")
+    # aux_k / n_dead = 24/96 is above AUXK_DENSE_MIN_DENSITY: the default path is the dense one, bit for bit
+    assert 24 / 96 >= AUXK_DENSE_MIN_DENSITY > 1 / 96
+    for aux_k, dense in ((24, True), (1, False)):
+        auto = auxk_loss(sae, aux_k, dead, pre, xc, residual)
+        assert torch.equal(auto, auxk_loss(sae, aux_k, dead, pre, xc, residual, dense=dense))
+
+
+def test_normalized_aux_is_mse_aux_over_residual_variance(planted):
+    x = planted.x[:512]
+    cfg = SAEConfig(d_in=32, n_latents=128, k=4, partition=(32, 128))
+    aux, residual_var = {}, None
+    for form in ("mse", "normalized"):
+        trainer = Trainer([(cfg, TrainConfig(lr=1e-3, warmup_steps=0, dead_tokens=1000, aux_loss=form))])
+        trainer.train_step(planted.x[512:1024])
+        sae = trainer.saes[0]
+        trainer._members[0].since_fired[64:] = 10_000  # half the latents dead
+        with torch.no_grad():  # the residual the next step's AuxK reconstructs (Matryoshka: the whole dictionary's)
+            x_n = sae.normalise(x)
+            residual = x_n - sae.decode_normalised(*sae.encode(x))
+            var = residual.var(dim=0, correction=0).mean().item()
+        assert residual_var is None or var == pytest.approx(residual_var, rel=1e-6)
+        residual_var = var
+        aux[form] = trainer.train_step(x)[0]["aux_loss"]
+    assert aux["mse"] > 0 and aux["normalized"] == pytest.approx(aux["mse"] / residual_var, rel=1e-5)
+
+
+def test_matryoshka_prefix_fvu_metrics(planted):
+    part = (8, 32, 128)
+    tc = TC.model_copy(update={"total_tokens": 16384 * 3})
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=128, k=4, partition=part), tc),
+                       (SAEConfig(d_in=32, n_latents=128, k=4), tc)])
+    log = []
+    trainer.fit(batches(planted.x, 256, epochs=3), callback=lambda t, m: log.append(m), log_every=16)
+    first, last = log[0][0], log[-1][0]
+    assert set(last) == set(METRIC_NAMES) | {f"prefix_fvu/{m}" for m in part}
+    assert set(log[-1][1]) == set(METRIC_NAMES)  # a vanilla SAE has no prefixes
+    for m in (first, last):
+        vals = [m[f"prefix_fvu/{b}"] for b in part]
+        assert all(0 <= v <= 2 for v in vals), vals
+        assert m["prefix_fvu/128"] == pytest.approx(m["fvu"], rel=1e-6)
+    assert last["prefix_fvu/8"] >= last["prefix_fvu/32"] >= last["prefix_fvu/128"]  # nested: more latents, less error
+    assert last["prefix_fvu/8"] < first["prefix_fvu/8"]  # the innermost prefix learns too
+
+
+def test_sweep_spec_passes_aux_loss():
+    from orchestrator.spec import SweepSpec, TrainSpec
+
+    assert TrainSpec().aux_loss == TrainConfig().aux_loss == "mse"  # one default, TrainConfig's
+    with pytest.raises(ValueError, match="aux_loss"):
+        TrainSpec(aux_loss="l1")
+    spec = SweepSpec(name="aux", train_tokens=4096, eval_tokens=1024, grid={"n_latents": [64], "k": [4]},
+                     train={"aux_loss": "normalized"})
+    assert spec.train_config(spec.trial_points()[0], "cpu").aux_loss == "normalized"
