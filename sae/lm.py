@@ -33,6 +33,7 @@ _LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.la
                 "gpt_neox.layers", "transformer.layers", "transformer.blocks", "layers", "h")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 Replacement = Callable[[torch.Tensor], torch.Tensor] | Literal["zero"] | None
@@ -178,16 +179,33 @@ def load_lm(name: str = "smollm2-135m", *, device: str = "cpu", dtype: str = "fl
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    model.to(dev).eval().requires_grad_(False)
+    model.to(dev)
     if local is not None:
         rev = resolve_revision(name)
     else:
         rev = getattr(model.config, "_commit_hash", None) or revision or "main"
+    return wrap_model(model, tokenizer, name=name, revision=rev, device=dev, dtype=torch_dtype)
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def wrap_model(model: torch.nn.Module, tokenizer: Any = None, *, name: str = "in-memory",
+               revision: str = "unversioned", device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> LoadedLM:
+    """A LoadedLM around a model already in memory (put in eval mode, no grad): what load_lm returns, and how tests
+    use tiny random models without writing them to disk. Device and dtype default to the model's parameters'."""
+    model.eval().requires_grad_(False)
     layers = find_layers(model)
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    d_model = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
-    return LoadedLM(model=model, tokenizer=tokenizer, name=name, revision=rev, n_layers=len(layers),
-                    d_model=int(d_model), device=dev, dtype=torch_dtype, layers=layers)
+    text_cfg = _text_config(model)
+    d_model = getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd", None)
+    if not d_model:
+        raise ValueError(f"model {name!r}: its config names no width (hidden_size / n_embd)")
+    param = next(model.parameters())
+    return LoadedLM(model=model, tokenizer=tokenizer, name=name, revision=revision, n_layers=len(layers),
+                    d_model=int(d_model), device=device or param.device, dtype=dtype or param.dtype, layers=layers)
 
 
 def valid_sites(n_layers: int) -> str:
@@ -305,7 +323,45 @@ def harvest_activations(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site)
     return captured[0]
 
 
-def _logits(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site | None, replace: Replacement) -> torch.Tensor:
+@dataclass(frozen=True)
+class OutputHead:
+    """What turns the last decoder layer's output into logits: the final norm, the unembedding and the model's own
+    final logit soft-capping (Gemma-2: `final_logit_softcapping`), so later layers can be rerun without the model's
+    forward."""
+
+    norm: torch.nn.Module
+    unembed: torch.nn.Module
+    softcap: float | None
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits (model dtype) of already-normed hidden states, soft-capped as the model's forward does."""
+        logits = self.unembed(normed)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _layers_parent(model: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn.Module | None:
+    return next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+
+
+def find_output_head(lm: LoadedLM) -> OutputHead:
+    """The final norm (a sibling of the decoder layer list) and the unembedding; ValueError naming what is missing."""
+    parent = _layers_parent(lm.model, lm.layers)
+    norm = None if parent is None else next(
+        (m for n in _FINAL_NORM_NAMES if isinstance(m := getattr(parent, n, None), torch.nn.Module)), None)
+    if norm is None:
+        raise ValueError(f"model {lm.name}: no final norm beside the decoder layers (looked for {_FINAL_NORM_NAMES})")
+    unembed = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    if not isinstance(unembed, torch.nn.Module):
+        raise ValueError(f"model {lm.name}: get_output_embeddings() gives no unembedding module")
+    cap = getattr(_text_config(lm.model), "final_logit_softcapping", None)
+    return OutputHead(norm=norm, unembed=unembed, softcap=float(cap) if cap else None)
+
+
+def spliced_logits(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site | None,
+                   replace: Replacement) -> torch.Tensor:
+    """Float32 logits [B, T, V] of a full forward with the site's non-BOS positions replaced (None: clean run)."""
     if replace is None or site is None:
         return lm.model(input_ids=input_ids, use_cache=False).logits.float()
 
@@ -338,12 +394,12 @@ def splice_metrics(lm: LoadedLM, input_ids: torch.Tensor, site: str | Site, repl
     if replace is None and clean_logits is not None:
         logits = clean_logits[:, : input_ids.shape[1] - 1].float()
     else:
-        logits = _logits(lm, input_ids, site, replace)[:, :-1]
+        logits = spliced_logits(lm, input_ids, site, replace)[:, :-1]
     logp = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, 1:]
     ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if clean_logits is None:
-        clean_logits = logits if replace is None else _logits(lm, input_ids, None, None)[:, :-1]
+        clean_logits = logits if replace is None else spliced_logits(lm, input_ids, None, None)[:, :-1]
     else:
         clean_logits = clean_logits[:, : logits.shape[1]].float()
     clean_logp = F.log_softmax(clean_logits, dim=-1)

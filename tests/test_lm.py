@@ -78,15 +78,24 @@ def test_perplexity_and_splice_scores(lm, contexts):
     assert 1.0 < ppl < 50.0, ppl
     assert clean["kl"].abs().max().item() == 0.0
     scorer = SpliceScorer(lm, contexts, "resid_post.15")
+    assert scorer.path == "fast", scorer.fallback_reason  # only layers 16.. rerun per reconstruction
     ident = scorer(lambda x: x)
     assert ident["ce_score"] == pytest.approx(1.0, abs=1e-6)
     assert ident["kl_score"] == pytest.approx(1.0, abs=1e-6)
+    assert (ident["ce_score_lo"], ident["ce_score_hi"]) == pytest.approx((1.0, 1.0), abs=1e-6)
     zero = scorer(torch.zeros_like)
     assert zero["ce_score"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
     assert scorer.ce_zero > scorer.ce_clean + 1.0
-    noisy = scorer(lambda x: x + 0.5 * x.std() * torch.randn_like(x))  # a lossy reconstruction lies in between
-    assert 0.0 < noisy["ce_score"] < 1.0 and noisy["kl_sae"] > 0
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:  # a lossy reconstruction lies in between
+        return x + 0.5 * x.std() * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    got = scorer(noisy)
+    assert 0.0 < got["ce_score"] < 1.0 and got["kl_sae"] > 0
+    assert got["ce_score_lo"] < got["ce_score"] < got["ce_score_hi"]
+    full = SpliceScorer(lm, contexts, "resid_post.15", fast=False)(noisy)  # the full spliced forward agrees
+    assert (full["ce_sae"], full["kl_sae"]) == pytest.approx((got["ce_sae"], got["kl_sae"]), abs=1e-5)
 
 
 def test_splice_keeps_bos(lm, contexts):
