@@ -16,7 +16,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator import stats
-from orchestrator.report import claim_matryoshka, load_sweep
+from orchestrator.claims import claim_matryoshka
+from orchestrator.evidence import load_sweep
 from sae.evaluate import curve_key as contract_key
 from sweeps.report import main as report_main
 
@@ -54,6 +55,13 @@ def _curves(method: str, base: np.ndarray, scale: float, *, full: bool) -> dict[
     return out
 
 
+def _training(still_falling: bool) -> dict[str, list[tuple[int, float]]]:
+    """train/fvu (and a Matryoshka prefix) histories, step = tokens: flat after warm-up, or still falling as t^-0.5."""
+    steps = np.arange(1, 41) * 1024
+    fvu = 0.1 * (steps[-1] / steps) ** 0.5 if still_falling else 0.1 + 0.001 * np.sin(steps)
+    return {"train/fvu": list(zip(steps, fvu, strict=True)), "train/prefix_fvu/32": list(zip(steps, 2 * fvu, strict=True))}
+
+
 def _child(client: MlflowClient, exp: str, parent: str, partition: str, seed: int, finals: dict, curves: dict) -> None:
     run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "sae_frontier.kind": "trial"}).info.run_id
     params = {"n_latents": N, "k": K, "architecture": "topk", "partition": partition, "seed": seed,
@@ -88,7 +96,7 @@ def fabricate(client: MlflowClient, tmp_path, name: str) -> str:
         errs = (0.01, 0.05, 0.08) if wins else (0.09, 0.02, 0.05)
         v_final = {"fvu": base[-1], "monotone_fvu": 1.0, "power_law/exponent": 0.8 + 0.01 * seed,
                    "power_law/exponent_lo": 0.75, "power_law/exponent_hi": 0.85, "power_law/heldout_mse_power_law": errs[0],
-                   "power_law/heldout_mse_exponential": errs[1], "power_law/heldout_mse_stretched_exp": errs[2],
+                   "power_law/heldout_mse_exponential": errs[1], "power_law/heldout_mse_lognormal": errs[2],
                    "power_law/preferred_power_law": float(wins)} if full else {"fvu": base[-1]}
         if full:
             v_final["train_seconds"] = 10.0 + seed
@@ -98,6 +106,9 @@ def fabricate(client: MlflowClient, tmp_path, name: str) -> str:
             m_final |= {"train_seconds": (10.0 + seed) * ratio, "proxy/group0/token_conc": 0.5 + 0.01 * seed,
                         "proxy/group3/token_conc": 0.3}
         matryoshka = _curves("prefix", base, 1 + delta, full=full) | _curves("prune_ez2", base, 1.3, full=full)
+        if full:
+            matryoshka |= _training(still_falling=name == "undertrained")
+            vanilla |= {"train/fvu": _training(still_falling=False)["train/fvu"]}
         _child(client, exp, pid, PARTITION, seed, m_final, matryoshka)
     client.set_terminated(pid, "FINISHED")
     return pid
@@ -128,10 +139,10 @@ def test_full_report_sections_figures_and_artifacts(store, tmp_path):
     md = run_report(store, "good", tmp_path)
     assert verdicts(md) == {1: "confirmed", 2: "confirmed", 3: "confirmed", 4: "confirmed", 5: "confirmed"}
     for text in (parents["good"], "hash-good", "deadbeef", "tiny-lm", "resid_post.1", "`masked`", "`reselect`",
-                 "at matched L0", "noisy", "docs/science.md", "stretched_exp", "innermost"):
+                 "at matched L0", "noisy", "docs/science.md", "lognormal", "innermost", "Training budget"):
         assert text in md, text
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
-    assert len(figures) == 5 and all((tmp_path / "good" / f).stat().st_size > 1000 for f in figures)
+    assert len(figures) == 6 and all((tmp_path / "good" / f).stat().st_size > 1000 for f in figures)
     logged = {a.path for a in client.list_artifacts(parents["good"], "report")}
     assert {"report/REPORT.md", *(f"report/{f}" for f in figures)} <= logged
     # a second run replaces the folder atomically and leaves no temp folders behind
@@ -144,6 +155,14 @@ def test_full_report_sections_figures_and_artifacts(store, tmp_path):
 def test_verdicts_flip_with_the_data(store, tmp_path, name, expected):
     got = verdicts(run_report(store, name, tmp_path))
     assert {c: got[c] for c in expected} == expected
+
+
+def test_training_budget_tells_a_plateau_from_a_curve_still_falling(store, tmp_path):
+    plateau = run_report(store, "good", tmp_path)
+    assert "## Training budget" in plateau and re.search(r"Training budget.*?\*\*Verdict: plateau\*\*", plateau, re.S)
+    falling = run_report(store, "undertrained", tmp_path)
+    assert re.search(r"Training budget.*?\*\*Verdict: still improving\*\*", falling, re.S)
+    assert (tmp_path / "good" / "training_budget.png").stat().st_size > 1000
 
 
 def test_undertrained_matryoshka_gives_no_claim2_verdict(store, tmp_path):
