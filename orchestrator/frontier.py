@@ -25,11 +25,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from sae.evaluate import principal_method  # noqa: E402
+from sae.evaluate import PRIMARY_RULE, principal_method  # noqa: E402
 
 PROGRESSIVE_METHODS = ("prune_ez2", "prefix")
-PRIMARY_RULE = "masked"
-RULES = ("masked", "reselect")
 # the parent run's params that identify the activations a run was trained and scored on
 ACTIVATION_FIELDS = ("model", "revision", "site", "corpus", "train_tokens", "activations_key")
 L0_BINS_PER_OCTAVE = 4  # matched-L0 bins: [2**(i/4), 2**((i+1)/4)), i.e. points within a factor 1.19 of each other
