@@ -51,7 +51,8 @@ def _curves(method: str, base: np.ndarray, scale: float, *, full: bool) -> dict[
             out[curve_key("ce_score_hi", method, rule)] = list(zip(GS, ce + 0.01, strict=True))
             out[curve_key("rsa", method, rule)] = list(zip(GS, 1.0 - fvu / 2, strict=True))
     if full:
-        out[curve_key("proxy/token_conc", method, "masked")] = list(zip(GS, 0.3 * scale * np.ones(len(GS)), strict=True))
+        for proxy in ("proxy/token_conc", "proxy/token_conc_excess"):  # raw (shown) and frequency-matched (judged)
+            out[curve_key(proxy, method, "masked")] = list(zip(GS, 0.3 * scale * np.ones(len(GS)), strict=True))
     return out
 
 
@@ -103,8 +104,9 @@ def fabricate(client: MlflowClient, tmp_path, name: str) -> str:
         _child(client, exp, pid, "none", seed, v_final, vanilla)
         m_final = {"fvu": base[-1] * (1 + delta), "monotone_fvu": 0.0 if name == "undertrained" else 1.0}
         if full:
-            m_final |= {"train_seconds": (10.0 + seed) * ratio, "proxy/group0/token_conc": 0.5 + 0.01 * seed,
-                        "proxy/group3/token_conc": 0.3}
+            m_final |= {"train_seconds": (10.0 + seed) * ratio, "proxy/group0/token_conc_excess": 0.5 + 0.01 * seed,
+                        "proxy/group3/token_conc_excess": 0.3, "proxy/group0/n_judged": 32.0,
+                        "proxy/group3/n_judged": 128.0}
         matryoshka = _curves("prefix", base, 1 + delta, full=full) | _curves("prune_ez2", base, 1.3, full=full)
         if full:
             matryoshka |= _training(still_falling=name == "undertrained")
