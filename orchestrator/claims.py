@@ -288,8 +288,8 @@ def claim_interpretability(sweep: Sweep, out: Path) -> Claim:
         tables = [t for t in tables if t.metric.iloc[0] in JUDGED_PROXIES]
     groups = [g for g in _group_pairs(sweep) if f"proxy/{g[0]}" in (*JUDGED_PROXIES, *SHOWN_PROXIES)]
     if groups:
-        rows = [[name, fmt_pm(stats.bootstrap_mean(i)), fmt_pm(stats.bootstrap_mean(o)), fmt(est.mean), fmt_ci(est), v]
-                for name, i, o, est, v in groups]
+        rows = [[name, fmt_pm(stats.bootstrap_mean(i)), fmt_pm(stats.bootstrap_mean(o)), fmt(est.mean), fmt_ci(est),
+                 v if f"proxy/{name}" in JUDGED_PROXIES else f"(shown only: {v})"] for name, i, o, est, v in groups]
         c.lines += ["(b) Matryoshka innermost vs outermost group (paired over Matryoshka runs; difference = inner − outer):",
                     "", *md_table(["proxy", "innermost mean ± sd", "outermost mean ± sd", "difference", "95% interval",
                                  "verdict"], rows)]
