@@ -35,7 +35,7 @@ COST_BAND = (1.0, 1.5)  # "about 1.25x"
 RULE_CLAIM2 = ("per (metric, G) under `masked`: confirmed if the paired 95% interval of (Matryoshka `prefix` − vanilla "
                "`prune_ez2`, one difference per seed) excludes 0 on the claimed side and every seed agrees in sign; "
                "refuted if the same holds on the other side; else inconclusive (always with one seed, except CE, "
-               "whose context intervals are used); a group with a Matryoshka run whose `monotone_fvu` = 0 is "
+               "whose context intervals are used); a cell with a run (either side) whose `monotone_fvu` = 0 is "
                "*undertrained*, not a verdict. Overall: confirmed if FVU is confirmed at a strict majority of the "
                "(group, G) cells with a verdict and no FVU, CE or RSA cell is refuted; refuted if FVU is refuted at a "
                "strict majority and confirmed at none; else inconclusive.")
@@ -107,11 +107,11 @@ def compare(sweep: Sweep, metric: str, rule: str, claimed: str, *, undertrained:
         elif est.n == 1:
             note = "one seed: interval unavailable"
         verdict = stats.sign_verdict(est, claimed)
-        if set(cell.run_id_m) & undertrained:
+        if (set(cell.run_id_m) | set(cell.run_id_v)) & undertrained:
             verdict = "undertrained"
         matched = [_at_l0(van_l0[van_l0.run_id == r.run_id_v], l0.get((r.run_id_m, g), np.nan)) if metric == "fvu"
                    else np.nan for r in cell.itertuples()]
-        rows.append({"group": f"n={n} k={k} {arch} {part}", "G": g, "metric": metric, "rule": rule,
+        rows.append({"group": f"n={n} k={k} {arch} {part}", "n": n, "G": g, "metric": metric, "rule": rule,
                      "mat": stats.bootstrap_mean(cell.value_m), "van": stats.bootstrap_mean(cell.value_v),
                      "mat_l0": np.nanmean([l0.get((r, g), np.nan) for r in cell.run_id_m]),
                      "van_l0": np.nanmean([l0.get((r, g), np.nan) for r in cell.run_id_v]),
@@ -153,7 +153,7 @@ COMPARE_HEADER = ["group", "G", "Matryoshka mean ± sd", "L0", "pruned vanilla m
 
 def claim_matryoshka(sweep: Sweep, out: Path) -> Claim:
     c = Claim("2. At each G, Matryoshka beats pruned vanilla (FVU lower; CE score and RSA higher)", RULE_CLAIM2)
-    gate = set(sweep.runs.loc[(sweep.runs.kind == "matryoshka") & (sweep.final("monotone_fvu") == 0), "run_id"])
+    gate = set(sweep.runs.loc[sweep.final("monotone_fvu") == 0, "run_id"])  # either side's code undertrained
     tables = {(m, r): compare(sweep, m, r, claimed, undertrained=gate) for m, claimed in CLAIM2.items()
               for r in ("masked", "reselect")}
     if all(t.empty for t in tables.values()):
@@ -173,6 +173,14 @@ def claim_matryoshka(sweep: Sweep, out: Path) -> Claim:
         c.lines.append("Every FVU comparison is undertrained (`monotone_fvu` = 0): no verdict can be drawn.")
     counts = {m: {v: cells[m].count(v) for v in (*stats.VERDICTS, "undertrained") if cells[m].count(v)} for m in CLAIM2}
     c.lines.append("Per-G verdicts under `masked`: " + "; ".join(f"{m}: {counts[m] or 'not measured'}" for m in CLAIM2))
+    for label, reduced in (("reduced SAEs (G < n)", True), ("full dictionaries (G = n)", False)):
+        parts = []
+        for m in CLAIM2:
+            t = tables[(m, "masked")]
+            if not t.empty:
+                v = list(t.verdict[(t.G < t.n) == reduced])
+                parts.append(f"{m}: {({x: v.count(x) for x in sorted(set(v))}) or 'none'}")
+        c.lines.append(f"Of which at {label}: " + "; ".join(parts) + ".")
     c.figure = _figure_claim2(sweep, tables[("fvu", "masked")], out) if not tables[("fvu", "masked")].empty else None
     return c
 
