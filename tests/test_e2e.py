@@ -102,7 +102,7 @@ def test_mlflow_server_serves_the_runs_over_rest(submitted):
             runs = json.load(r)["runs"]
         assert len(runs) == len(load_spec("smoke").trial_points())
         metric_keys = {m["key"] for m in runs[0]["data"]["metrics"]}
-        assert "fvu/prune_ez2" in metric_keys and "power_law/exponent" in metric_keys
+        assert "fvu/prune_ez2.masked" in metric_keys and "l0/prune_ez2.reselect" in metric_keys and "power_law/exponent" in metric_keys
         run_id = runs[0]["info"]["run_id"]  # the UI shows the trial's plots, served from the artifact store
         with urllib.request.urlopen(f"{base}/get-artifact?path=plots/power_law.png&run_uuid={run_id}") as r:
             assert r.read(8) == b"\x89PNG\r\n\x1a\n"
