@@ -29,6 +29,7 @@ from orchestrator.evidence import (  # noqa: E402
     md_table,
     save_figure,
 )
+from orchestrator.frontier import set_axis_scale  # noqa: E402
 
 CLAIM2 = {"fvu": "negative", "ce_score": "positive", "rsa": "positive"}  # sign of Matryoshka minus pruned vanilla
 COST_BAND = (1.0, 1.5)  # "about 1.25x"
@@ -186,31 +187,41 @@ def claim_matryoshka(sweep: Sweep, out: Path) -> Claim:
 
 
 def _figure_claim2(sweep: Sweep, fvu: pd.DataFrame, out: Path) -> str:
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.8))
-    for group, t in fvu.groupby("group"):
-        t = t.sort_values("G")
+    """FVU vs G per group (one colour per group in both left panels), the paired difference, and FVU vs L0."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(18, 5.2))
+    for j, (group, t) in enumerate(fvu.groupby("group")):
+        t, colour = t.sort_values("G"), f"C{j % 10}"
         for side, style in (("mat", "-"), ("van", "--")):
             mean, sd = np.array([e.mean for e in t[side]]), np.nan_to_num([e.sd for e in t[side]])
-            a1.plot(t.G, mean, style, marker="o", ms=3, label=f"{group}: {'prefix' if side == 'mat' else 'vanilla prune_ez2'}")
-            a1.fill_between(t.G, mean - sd, mean + sd, alpha=0.2)
+            a1.plot(t.G, mean, style, marker="o", ms=3, color=colour)
+            a1.fill_between(t.G, mean - sd, mean + sd, alpha=0.15, color=colour)
         d = np.array([e.mean for e in t["diff"]])
         lo, hi = np.array([e.lo for e in t["diff"]]), np.array([e.hi for e in t["diff"]])
-        a2.plot(t.G, d, marker="o", ms=3, label=group)
-        a2.fill_between(t.G, lo, hi, alpha=0.2)
+        a2.plot(t.G, d, marker="o", ms=3, label=group, color=colour)
+        a2.fill_between(t.G, lo, hi, alpha=0.15, color=colour)
+    a1.plot([], [], "k-", label="Matryoshka prefix")
+    a1.plot([], [], "k--", label="vanilla prune_ez2")
     a2.axhline(0, color="k", lw=0.8)
+    l0s = []
     for kind, method, style in (("matryoshka", "prefix", "o-"), ("vanilla", "prune_ez2", "s--")):
         pts = curve(sweep, "fvu", method, "masked", kind).merge(curve(sweep, "l0", method, "masked", kind)[["run_id", "G", "value"]],
                                                                  on=["run_id", "G"], suffixes=("", "_l0"))
+        l0s += list(pts.value_l0)
         for _, run in pts.groupby("run_id"):
             run = run.sort_values("value_l0")
             a3.plot(run.value_l0, run.value, style, ms=3, alpha=0.6, color="C0" if kind == "matryoshka" else "C1")
         a3.plot([], [], style, color="C0" if kind == "matryoshka" else "C1", label=kind)
     a1.set(xscale="log", yscale="log", xlabel="latents kept G", ylabel="FVU (masked)", title="FVU vs G, mean ± sd over seeds")
     a2.set(xscale="log", xlabel="latents kept G", ylabel="FVU difference", title="Matryoshka − vanilla, 95% interval")
-    a3.set(xscale="log", yscale="log", xlabel="L0", ylabel="FVU (masked)", title="FVU vs L0 (matched-L0 view)")
-    for a in (a1, a2, a3):
-        a.legend(fontsize=7)
-    return save_figure(fig, out, "claim2_matryoshka_vs_pruned.png")
+    a3.set(yscale="log", ylabel="FVU (masked)", xlabel="L0", title="FVU vs L0 (the matched-L0 view)")
+    set_axis_scale(a3, "x", l0s)
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    a3.legend(fontsize=8)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.9, wspace=0.8)
+    fig.savefig(out / "claim2_matryoshka_vs_pruned.png", dpi=90)
+    plt.close(fig)
+    return "claim2_matryoshka_vs_pruned.png"
 
 
 # ---- claim 3: orderings --------------------------------------------------------------------------------------------
