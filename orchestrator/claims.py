@@ -64,7 +64,8 @@ def claim_power_law(sweep: Sweep, out: Path) -> Claim:
     winners = [fits[i] for i in errs.argmin(axis=1)]
     if "power_law/preferred_power_law" in van:  # the fit's own rule: the nested log-normal must win by > 1 SE
         pref = van["power_law/preferred_power_law"].to_numpy(float)
-        winners = ["power_law" if p == 1 else (w if w != "power_law" else fits[1 + int(np.argmin(e[1:]))])
+        winners = [w if not np.isfinite(p) else "power_law" if p == 1 else
+                   (w if w != "power_law" else fits[1 + int(np.argmin(e[1:]))])
                    for p, w, e in zip(pref, winners, errs, strict=True)]
     ex, lo, hi = (column(van, f"power_law/{k}").to_numpy() for k in ("exponent", "exponent_lo", "exponent_hi"))
     rows = [[f"n={r.n_latents} k={r.k} {r.architecture} s{r.seed}", fmt(ex[j]), f"[{fmt(lo[j])}, {fmt(hi[j])}]",
@@ -88,6 +89,11 @@ def claim_power_law(sweep: Sweep, out: Path) -> Claim:
 
 
 # ---- claim 2: Matryoshka vs pruned vanilla -------------------------------------------------------------------------
+def undertrained_runs(sweep: Sweep) -> set[str]:
+    """Runs whose progressive code failed the gate (masked FVU rises with G): no verdict rests on them."""
+    return set(sweep.runs.loc[sweep.final("monotone_fvu") == 0, "run_id"])
+
+
 def compare(sweep: Sweep, metric: str, rule: str, claimed: str, *, undertrained: set[str] = frozenset()) -> pd.DataFrame:
     """Matryoshka `prefix` minus vanilla `prune_ez2` at the same (n, k, architecture, seed) and G, one row per
     (Matryoshka group, G): both sides' mean ± sd and L0, the paired difference with its interval, and the verdict."""
@@ -104,7 +110,8 @@ def compare(sweep: Sweep, metric: str, rule: str, claimed: str, *, undertrained:
         est = stats.paired_bootstrap(cell.value_m.to_numpy(), cell.value_v.to_numpy())
         note = ""
         if est.n == 1 and metric == "ce_score":
-            est, note = _context_interval(sweep, cell.iloc[0], rule), "one seed: CE context intervals"
+            pair = cell[np.isfinite(cell.value_m) & np.isfinite(cell.value_v)].iloc[0]
+            est, note = _context_interval(sweep, pair, rule), "one seed: CE context intervals"
         elif est.n == 1:
             note = "one seed: interval unavailable"
         verdict = stats.sign_verdict(est, claimed)
@@ -154,7 +161,7 @@ COMPARE_HEADER = ["group", "G", "Matryoshka mean ± sd", "L0", "pruned vanilla m
 
 def claim_matryoshka(sweep: Sweep, out: Path) -> Claim:
     c = Claim("2. At each G, Matryoshka beats pruned vanilla (FVU lower; CE score and RSA higher)", RULE_CLAIM2)
-    gate = set(sweep.runs.loc[sweep.final("monotone_fvu") == 0, "run_id"])  # either side's code undertrained
+    gate = undertrained_runs(sweep)
     tables = {(m, r): compare(sweep, m, r, claimed, undertrained=gate) for m, claimed in CLAIM2.items()
               for r in ("masked", "reselect")}
     if all(t.empty for t in tables.values()):
@@ -218,10 +225,7 @@ def _figure_claim2(sweep: Sweep, fvu: pd.DataFrame, out: Path) -> str:
     a1.legend(fontsize=8)
     a2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     a3.legend(fontsize=8)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.9, wspace=0.8)
-    fig.savefig(out / "claim2_matryoshka_vs_pruned.png", dpi=90)
-    plt.close(fig)
-    return "claim2_matryoshka_vs_pruned.png"
+    return save_figure(fig, out, "claim2_matryoshka_vs_pruned.png", wspace=0.8)
 
 
 # ---- claim 3: orderings --------------------------------------------------------------------------------------------
@@ -294,7 +298,8 @@ def claim_interpretability(sweep: Sweep, out: Path) -> Claim:
                 "paper (docs/science.md, *Definitions: Interpretability*).", ""]
     cells: list[str] = []
     present = set(sweep.curves.metric.unique())
-    tables = [compare(sweep, m, "masked", "negative") for m in (*JUDGED_PROXIES, *SHOWN_PROXIES) if m in present]
+    tables = [compare(sweep, m, "masked", "negative", undertrained=undertrained_runs(sweep))
+              for m in (*JUDGED_PROXIES, *SHOWN_PROXIES) if m in present]
     tables = [t for t in tables if not t.empty]
     if tables:
         t = pd.concat(tables, ignore_index=True)
@@ -357,7 +362,7 @@ def _group_pairs(sweep: Sweep) -> list[tuple[str, np.ndarray, np.ndarray, stats.
 def claim_cost(sweep: Sweep, out: Path) -> Claim:
     c = Claim("5. Matryoshka training costs about 1.25× vanilla at the same n and k",
               f"ratio train_seconds(Matryoshka) / train_seconds(vanilla) per (n, k, architecture, seed) pair; confirmed "
-              f"if the bootstrap 95% interval of the mean ratio lies within [{COST_BAND[0]}, {COST_BAND[1]}], refuted if "
+              f"if the 95% interval of the mean ratio (orchestrator/stats.py) lies within [{COST_BAND[0]}, {COST_BAND[1]}], refuted if "
               "it lies entirely outside, else inconclusive.")
     r = sweep.runs[[*GRID, "kind", "run_id"]].assign(t=sweep.final("train_seconds"))
     pairs = r[r.kind == "matryoshka"].merge(r[r.kind == "vanilla"], on=PAIR, suffixes=("_m", "_v")).dropna(subset=["t_m", "t_v"])

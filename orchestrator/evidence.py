@@ -130,8 +130,8 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def save_figure(fig: plt.Figure, out: Path, name: str) -> str:
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.3)  # fixed: tight_layout costs seconds
+def save_figure(fig: plt.Figure, out: Path, name: str, wspace: float = 0.3) -> str:
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=wspace)  # fixed: tight_layout costs seconds
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     return name

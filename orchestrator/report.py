@@ -39,8 +39,9 @@ def render(sweep: Sweep, claims: list[Claim]) -> str:
                  ["finished trials", f"{len(runs)} ({(runs.kind == 'vanilla').sum()} vanilla, {(runs.kind == 'matryoshka').sum()} Matryoshka)"],
                  ["primary scoring rule", f"`{p.get('scoring_rule_primary', 'masked')}` (claim 2 also shows `reselect`)"],
                  ["verdicts", "confirmed / refuted / inconclusive, from the rule printed in each section; intervals are "
-                              f"percentile bootstrap {int(stats.LEVEL * 100)}% over seeds or runs "
-                              f"({stats.N_BOOT} resamples, seed {stats.SEED})"]]),
+                              f"{int(stats.LEVEL * 100)}% over seeds or runs, the wider of a percentile bootstrap "
+                              f"({stats.N_BOOT} resamples, seed {stats.SEED}) and Student's t (with 3 seeds the "
+                              "bootstrap alone is only the range of the seeds)"]]),
              "## Summary", "", *md_table(["claim", "verdict"], [[c.title, f"**{c.verdict}**"] for c in claims])]
     for c in claims:
         lines += [f"## {c.title}", "", f"**Verdict: {c.verdict}**", "", f"Rule: {c.rule}", "", *c.lines, ""]

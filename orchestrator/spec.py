@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae.config import AuxLoss, SAEConfig, TrainConfig
-from sae.evaluate import EvalOptions
+from sae.evaluate import PRIMARY_RULE, EvalOptions
 from sae.matryoshka import partition_label, resolve_partition
 from sae.prune import RULES
 
@@ -96,6 +96,9 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_rules(self) -> EvalSpec:
+        if PRIMARY_RULE not in self.rules:
+            raise ValueError(f"eval.rules must include {PRIMARY_RULE!r}, the primary rule the frontier, the undertrained "
+                             f"gate and the report read; got {self.rules}")
         missing = [r for r in self.splice_rules if r not in self.rules]
         if missing:
             raise ValueError(f"eval.splice_rules {missing} must also be in eval.rules {self.rules}; add them there")
@@ -175,6 +178,11 @@ class SweepSpec(_Strict):
                              f"the evaluated G {self.granularities()}; set it, or add it to eval.granularities")
         if g0 > min(self.grid.n_latents):
             raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
+        for p in self.trial_points():  # a Matryoshka SAE is scored only at its trained boundaries
+            if p["boundaries"] and p["n_latents"] > g0 and g0 not in p["boundaries"]:
+                raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
+                                 f"{p['partition']} at n_latents={p['n_latents']} (boundaries {p['boundaries']}), so that "
+                                 "SAE has no prefix there to score; set optuna.objective_granularity to a shared boundary")
         if self.device == "cuda" and self.resources.gpus <= 0:
             raise ValueError("device: 'cuda' needs resources.gpus > 0 (a GPU per trial), got resources.gpus = 0")
         try:  # the training settings, as every trial will build them

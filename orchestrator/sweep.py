@@ -227,7 +227,8 @@ def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier:
         tracker.log_artifacts(run_id, out, "frontier")
 
 
-def write_frontier_files(out: Path, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:
+def write_frontier_files(out: Path, points: pd.DataFrame, frontier: pd.DataFrame, title: str,
+                         rule: str = PRIMARY_RULE) -> None:
     """curve_points.csv, frontier.csv (per G), matched_l0.csv (every scoring rule present) and frontier.png."""
     points.to_csv(out / "curve_points.csv", index=False)
     frontier.to_csv(out / "frontier.csv", index=False)
@@ -236,7 +237,7 @@ def write_frontier_files(out: Path, points: pd.DataFrame, frontier: pd.DataFrame
         pd.concat([matched_l0(points, rule=r) for r in rules], ignore_index=True).to_csv(out / "matched_l0.csv",
                                                                                       index=False)
     if not points.empty:
-        save_figure(plot_frontier(points, frontier, title=title), out / "frontier.png")
+        save_figure(plot_frontier(points, frontier, title=title, rule=rule), out / "frontier.png")
 
 
 def compare(experiments: list[str], tracking_uri: str, out_dir: str) -> tuple[pd.DataFrame, Path]:
@@ -249,11 +250,13 @@ def compare(experiments: list[str], tracking_uri: str, out_dir: str) -> tuple[pd
     points = tracker.curve_points(experiments)
     if points.empty:
         raise ValueError(f"no finished trial runs found in experiments {experiments}")
-    frontier = compute_frontier(points)
+    # sweeps logged before scoring rules existed hold only `reselect` curves: draw them rather than nothing
+    rule = PRIMARY_RULE if (points["rule"] == PRIMARY_RULE).any() else str(points["rule"].iloc[0])
+    frontier = compute_frontier(points, rule=rule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_frontier_files(out, points, frontier, title=" vs ".join(experiments))
-    save_figure(compare_experiments_figure(points), out / "compare.png")
+    write_frontier_files(out, points, frontier, title=" vs ".join(experiments), rule=rule)
+    save_figure(compare_experiments_figure(points, rule=rule), out / "compare.png")
     (out / "activations.txt").write_text(describe_activations(points) + "\n")
     (out / "experiments.json").write_text(json.dumps(experiments))
     return frontier, out

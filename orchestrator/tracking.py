@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, point_from_config
 from orchestrator.trial import RESULT_FILE
 from sae.evaluate import CURVE_METHODS, split_curve_key
@@ -199,7 +200,6 @@ def _is_number(v: Any) -> bool:
 
 POINT_COLUMNS = ("experiment", "run_id", "parent_run_id", "run_name", "n_latents", "k", "architecture", "partition",
                  "seed", "method", "rule", "G")
-ACTIVATION_PARAMS = ("model", "revision", "site", "corpus", "train_tokens", "activations_key")
 LEGACY_RULE = "reselect"  # curves logged before scoring rules existed re-selected the top k among kept latents
 
 

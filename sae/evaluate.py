@@ -7,8 +7,8 @@ The protocol (docs/science.md, "Evaluation protocol"):
   random subsets (`prune_random`, mean and sd over `random_draws` draws). A Matryoshka SAE is cut at its own
   trained group boundaries (`prefix`; inside a group the order is arbitrary, so no other G) and also pruned by
   E[z^2].
-- Every reduced SAE is scored under both rules of `sae.prune.RULES` (`masked`: the full top-k restricted to the
-  kept latents; `reselect`: top-k among the kept latents), each with its L0.
+- Every reduced SAE is scored under each rule of `opts.rules` (default both of `sae.prune.RULES`: `masked`, the
+  full top-k restricted to the kept latents; `reselect`, top-k among the kept latents), each with its L0.
 - FVU, MSE, L0 and dead latents use all eval tokens, for every method and rule (they cost one sparse decode).
   The costlier measures are computed for the `report_methods` (default: the SAE's own progressive code, the
   one the frontier and the report compare): RSA on a seeded sample of `rsa_tokens` tokens, linear CKA on all
@@ -209,7 +209,8 @@ def _reconstructor(sae, r: _Reduced | None) -> Callable[[Tensor], Tensor]:
 
 @torch.no_grad()
 def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) -> dict[str, float]:
-    """One pass over the eval set: FVU, MSE, L0, dead, CKA for the full SAE and every reduced SAE; then RSA."""
+    """One pass over the eval set: FVU, MSE, L0, dead for the full SAE and every reduced SAE, CKA and RSA for the
+    full SAE and the detailed methods (`EvalOptions.detailed_methods`)."""
     device = sae.W_enc.device
     n, d = sae.cfg.n_latents, sae.cfg.d_in
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
@@ -225,17 +226,19 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     for x in data.batches():
         x = x.to(device).float()
         pre, vals, idx = _encode_full(sae, x)
-        gram_x += (x.T @ x).double()
-        sum_x += x.double().sum(0)
+        x64 = x.double()  # uncentred sums cancel when centred later: accumulate them in float64
+        gram_x += x64.T @ x64
+        sum_x += x64.sum(0)
         for spec, r in items:
             v, i = _code(sae, spec, pre, vals, idx)
             x_hat = sae.decode(v, i).float()
             r.acc.update(x, x_hat, v)
             r.fired[i[v > 0]] = True
             if r.grams is not None:
-                r.grams[0] += (x_hat.T @ x_hat).double()
-                r.grams[1] += (x_hat.T @ x).double()
-                r.grams[2] += x_hat.double().sum(0)
+                xh64 = x_hat.double()
+                r.grams[0] += xh64.T @ xh64
+                r.grams[1] += xh64.T @ x64
+                r.grams[2] += xh64.sum(0)
     n_tok = data.acts.shape[0]
     sample = _sample(n_tok, opts.rsa_tokens, opts.seed)
     x_s = data.acts[sample].to(device).float()
@@ -285,7 +288,7 @@ def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, re
                             conc=conc)
 
     for r in reduced:
-        if r.rule == PRIMARY_RULE and r.draw == 0 and r.method in detailed:
+        if r.rule == PRIMARY_RULE and r.method in detailed and r.method != "prune_random":  # no draw means
             for key, value in proxy(r.kept).items():
                 report.add(f"proxy/{key}", r.method, r.rule, r.g, value)
     for key, value in proxy(torch.arange(n)).items():
@@ -319,13 +322,16 @@ def _log_curves(sae, reduced: list[_Reduced], full: dict[str, float], report: Ev
             report.add(metric, method, rule, n, full[metric])
 
 
-def monotone_fvu(report: EvalReport, method: str, tolerance: float = MONOTONE_TOLERANCE) -> bool:
-    """True if the masked FVU of `method` never rises (beyond `tolerance`, relative) as G grows.
+def monotone_fvu(report: EvalReport, method: str, tolerance: float = MONOTONE_TOLERANCE) -> bool | None:
+    """True if the masked FVU of `method` never rises (beyond `tolerance`, relative) as G grows; None when the
+    curve has fewer than two points, so nothing was checked.
 
     A progressive code that fails this is undertrained (its outer latents hurt): docs/science.md says why a
     comparison involving it is not a verdict.
     """
     pts = sorted(report.curves.get(curve_key("fvu", method, PRIMARY_RULE), []))
+    if len(pts) < 2:
+        return None
     return all(b <= a * (1 + tolerance) for (_, a), (_, b) in zip(pts, pts[1:], strict=False))
 
 
@@ -385,7 +391,8 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
         _log_curves(sae, reduced, full, report)
         _proxies(sae, data, reduced, opts, report)
         _spectrum(sae, ranking, report)
-        report.final["monotone_fvu"] = float(monotone_fvu(report, principal_method(sae.cfg.is_matryoshka)))
+        monotone = monotone_fvu(report, principal_method(sae.cfg.is_matryoshka))
+        report.final["monotone_fvu"] = float("nan") if monotone is None else float(monotone)
         if progress:
             pts = report.curve_rows("fvu").get(principal_method(sae.cfg.is_matryoshka), [])
             progress("masked fvu by G: " + ", ".join(f"{int(p['G'])}:{p['fvu']:.4f}" for p in pts))

@@ -71,7 +71,7 @@ def plot_pruning_curves(
 ) -> Figure:
     """`metric` vs latents kept G (log x), one line per labelled curve (e.g. "ez2", "random", "matryoshka")."""
     if not curves:
-        raise ValueError("curves is empty; pass {label: pruning_curve(...)}")
+        raise ValueError("curves is empty; pass {label: [{'G': g, metric: value}, ...]}")
     fig = _figure((5.5, 4.0))
     ax = fig.add_subplot()
     for label, rows in curves.items():

@@ -5,7 +5,8 @@ Two scoring rules for a reduced SAE that keeps latents `keep` (see docs/science.
   trained and scored (each prefix reconstructs from the full top-k restricted to the prefix), so L0 at G is
   below k. It needs nothing but the full SAE's code, so one encoding of the eval set serves every G.
 - `reselect`: the top k among the kept latents only (k becomes min(k, G - 1)); exactly what the standalone SAE
-  `prune_sae(sae, keep)` computes, so L0 = k.
+  `prune_sae(sae, keep)` computes, so L0 = k for TopK (fewer where ReLU zeroes a pick). For BatchTopK the
+  inference rule is a threshold, under which the two rules coincide.
 The two rules can put a Matryoshka prefix on either side of a pruned vanilla SAE, which is why both are logged
 with their L0.
 

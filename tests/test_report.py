@@ -195,6 +195,9 @@ def test_paired_bootstrap_interval_shrinks_with_more_seeds():
     assert widths[0] > widths[1] > widths[2] > 0
     assert stats.paired_bootstrap(a[:10], b[:10]) == stats.paired_bootstrap(a[:10], b[:10])  # seeded
     assert not stats.paired_bootstrap(a[:1], b[:1]).has_interval
+    # with 3 seeds the percentile bootstrap alone is the range of the differences; the t interval is wider
+    three = stats.paired_bootstrap([0.1, 0.2, 0.3], [0.0, 0.0, 0.0])
+    assert three.lo < 0.1 and three.hi > 0.3 and three.lo < 0  # a unanimous sign alone is not significant
 
 
 def test_verdict_rules():

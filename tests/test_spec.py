@@ -59,6 +59,11 @@ def test_paper_spec_is_the_papers_grid():
         ({"device": "cuda"}, "resources.gpus"),
         ({"grid": {"partition": ["uniform:1"]}}, "single group is a vanilla SAE"),
         ({"eval": {"granularities": [16, 32]}}, "optuna.objective_granularity"),
+        ({"eval": {"rules": ["reselect"], "splice_rules": ["reselect"]}}, "eval.rules must include 'masked'"),
+        ({"eval": {"splice_rules": ["reselect"], "rules": ["masked"]}}, "eval.splice_rules"),
+        # a Matryoshka SAE has no prefix at a G inside one of its groups, so Optuna could not score it there
+        ({"grid": {"n_latents": [128, 256], "k": [8], "partition": [None, "uniform:4"]},
+          "optuna": {"objective_granularity": 96}, "eval": {"granularities": [96, 128]}}, "not a group boundary"),
     ],
 )
 def test_invalid_spec_names_the_field(override, needle):
