@@ -35,6 +35,8 @@ def render(sweep: Sweep, claims: list[Claim]) -> str:
                  ["site", p.get("site", "unknown")], ["corpus", p.get("corpus", "unknown")],
                  ["token budget", f"train {p.get('train_tokens', 'unknown')}, eval {p.get('eval_tokens', 'unknown')}"],
                  ["activations key", p.get("activations_key", "unknown")],
+                 ["variance held by the top 1% of eval tokens", p.get("eval_top1pct_variance_share", "not recorded")
+                  + " (near 0.01 for ordinary data; near 1 means a few massive tokens dominate FVU)"],
                  ["grid", "; ".join(f"{k}: {v}" for k, v in grid.items()) + f"; architecture: {', '.join(sorted(runs.architecture.unique()))}"],
                  ["finished trials", f"{len(runs)} ({(runs.kind == 'vanilla').sum()} vanilla, {(runs.kind == 'matryoshka').sum()} Matryoshka)"],
                  ["primary scoring rule", f"`{p.get('scoring_rule_primary', 'masked')}` (claim 2 also shows `reselect`)"],

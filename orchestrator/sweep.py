@@ -31,11 +31,12 @@ from orchestrator.frontier import (
 )
 from orchestrator.harvest import HarvestConfig, harvest
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
-from orchestrator.shards import exists, read_bytes, read_manifest, storage_fs, write_atomic
+from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
 from orchestrator.tracking import MLflowSweepCallback, Tracker
 from orchestrator.trial import run_trial
 from sae.evaluate import PRIMARY_RULE
+from sae.metrics import variance_share_of_top_tokens
 
 
 class SweepInterrupted(RuntimeError):
@@ -107,6 +108,12 @@ def activations_identity(train_store: str, eval_store: str) -> dict[str, str]:
             "activations_key": hashlib.sha256(f"{train.key}|{evals.key}".encode()).hexdigest()[:16]}
 
 
+def eval_variance_concentration(eval_store: str) -> float:
+    """Share of the eval activations' variance held by their top 1% of tokens (sae.metrics), on at most the
+    first 65,536 eval tokens so the driver's memory stays bounded on a large store."""
+    return variance_share_of_top_tokens(next(iter(iter_batches(eval_store, 65536, shuffle=False))), 0.01)
+
+
 def code_commit() -> str:
     """The git commit of the code that ran (with '+dirty' for uncommitted changes), or 'unknown' outside a
     checkout (e.g. a Ray job's unpacked working dir)."""
@@ -153,6 +160,10 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
     eval_store = str(harvest(harvest_config(spec, "eval")))
     harvest_seconds = time.perf_counter() - t0
     log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
+    concentration = eval_variance_concentration(eval_store)
+    if concentration > 0.5:
+        log(f"[sweep] warning: 1% of the eval tokens hold {concentration:.0%} of the activations' variance, so FVU "
+            "mostly measures how well those few tokens are rebuilt (docs/science.md, the miniature's confound)")
 
     storage_path = resolve_path(spec.results_path)
     parent = tracker.parent_run(
@@ -160,7 +171,8 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
         params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
                 "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": train_store,
                 "eval_store": eval_store, "granularities": spec.granularities(), **activations_identity(train_store, eval_store),
-                "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules)},
+                "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules),
+                "eval_top1pct_variance_share": f"{concentration:.4f}"},
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),

@@ -106,6 +106,21 @@ class ReconstructionAccumulator:
         }
 
 
+def variance_share_of_top_tokens(x: Tensor, fraction: float = 0.01) -> float:
+    """Share of the centred sum of squares (FVU's denominator) held by the `fraction` of tokens farthest from
+    the mean. Near `fraction` for ordinary data; near 1 when a few "massive activation" tokens (e.g. a position
+    right after BOS) dominate, so that FVU mostly scores how well those few tokens are rebuilt."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    x64 = _flat(x, "x")
+    sq = (x64 - x64.mean(0)).pow(2).sum(1)
+    total = float(sq.sum())
+    if total <= 0:
+        raise ValueError("x has zero variance over tokens, so no share of it can be computed")
+    top = max(1, int(round(fraction * sq.numel())))
+    return float(sq.topk(top).values.sum()) / total
+
+
 def _average_ranks(v: Tensor) -> Tensor:
     """Ranks 1..N with ties sharing their average rank (as Spearman's rho requires)."""
     sorted_v, order = torch.sort(v, stable=True)

@@ -66,3 +66,14 @@ def test_cka_invariances():
     assert linear_cka(x, (x_hat.double() @ q) * 7.5) == pytest.approx(base, abs=1e-10)
     noise = torch.randn(500, 16, generator=torch.Generator().manual_seed(5))
     assert linear_cka(x, noise) < 0.2 < base
+
+
+def test_variance_share_of_top_tokens_flags_massive_activations():
+    from sae.metrics import variance_share_of_top_tokens
+
+    x = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
+    assert variance_share_of_top_tokens(x, 0.01) < 0.05  # ordinary data: the top 1% hold a few percent
+    x[::100] *= 200.0  # one token in a hundred carries a massive activation, like the first token after BOS
+    assert variance_share_of_top_tokens(x, 0.01) > 0.95
+    with pytest.raises(ValueError, match="fraction"):
+        variance_share_of_top_tokens(x, 0.0)

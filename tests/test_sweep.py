@@ -64,6 +64,8 @@ def test_every_grid_point_is_a_child_run_with_curves_and_artifacts(grid_sweep, t
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id, "frontier")}
     assert {"frontier/frontier.csv", "frontier/frontier.png", "frontier/curve_points.csv"} <= parent_files
     assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert 0.0 < float(parent.data.params["eval_top1pct_variance_share"]) <= 1.0
+    assert parent.data.params["activations_key"] and parent.data.params["scoring_rule_primary"] == "masked"
 
     runs = children(client, spec, outcome.parent_run_id)
     expected = {(p["n_latents"], p["k"], p["architecture"], p["partition"], p["seed"]) for p in spec.trial_points()}
