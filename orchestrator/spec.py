@@ -178,7 +178,13 @@ class SweepSpec(_Strict):
                              f"the evaluated G {self.granularities()}; set it, or add it to eval.granularities")
         if g0 > min(self.grid.n_latents):
             raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
+        gs = set(self.granularities())
         for p in self.trial_points():  # a Matryoshka SAE is scored only at its trained boundaries
+            inner = [b for b in p["boundaries"] or [] if b < p["n_latents"]]
+            if inner and not gs.intersection(inner):
+                raise ValueError(f"eval.granularities {sorted(gs)} hold none of the inner group boundaries {inner} of "
+                                 f"partition {p['partition']} at n_latents={p['n_latents']}, so its prefixes would never "
+                                 "be scored; add some of those boundaries to eval.granularities")
             if p["boundaries"] and p["n_latents"] > g0 and g0 not in p["boundaries"]:
                 raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
                                  f"{p['partition']} at n_latents={p['n_latents']} (boundaries {p['boundaries']}), so that "

@@ -64,6 +64,8 @@ def test_paper_spec_is_the_papers_grid():
         # a Matryoshka SAE has no prefix at a G inside one of its groups, so Optuna could not score it there
         ({"grid": {"n_latents": [128, 256], "k": [8], "partition": [None, "uniform:4"]},
           "optuna": {"objective_granularity": 96}, "eval": {"granularities": [96, 128]}}, "not a group boundary"),
+        ({"grid": {"n_latents": [256], "k": [8], "partition": [None, "doubling:3"]},
+          "eval": {"granularities": [32, 256]}, "optuna": {"objective_granularity": 256}}, "inner group boundaries"),
     ],
 )
 def test_invalid_spec_names_the_field(override, needle):
