@@ -143,12 +143,13 @@ def principal_method(is_matryoshka: bool) -> str:
 
 @dataclass
 class _Reduced:
-    """One reduced SAE: `method` keeps latents `kept` (G of them), scored by `rule`; `draw` numbers random subsets."""
+    """One reduced SAE: `method` keeps latents `kept` (G of them), scored by `rule`; `draw` numbers random subsets.
+    `kept` = None stands for the full SAE."""
 
     method: str
     g: int
     rule: str
-    kept: Tensor
+    kept: Tensor | None
     draw: int = 0
     mask: Tensor | None = None
     acc: ReconstructionAccumulator = field(default_factory=ReconstructionAccumulator)
@@ -186,7 +187,9 @@ def reduced_saes(sae, ranking: LatentStats, opts: EvalOptions) -> list[_Reduced]
 
 
 def _code(sae, r: _Reduced | None, pre: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    return (vals, idx) if r is None else reduced_code(sae, pre, vals, idx, r.kept, r.rule, r.mask)
+    if r is None or r.kept is None:  # the full SAE
+        return vals, idx
+    return reduced_code(sae, pre, vals, idx, r.kept, r.rule, r.mask)
 
 
 def _encode_full(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,12 +217,12 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     device = sae.W_enc.device
     n, d = sae.cfg.n_latents, sae.cfg.d_in
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
-    full = _Reduced("full", n, "-", torch.arange(0), fired=torch.zeros(n, dtype=torch.bool, device=device))
+    full = _Reduced("full", n, "-", None, fired=torch.zeros(n, dtype=torch.bool, device=device))
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
-    items: list[tuple[_Reduced | None, _Reduced]] = [(None, full)] + [(r, r) for r in reduced]
-    for spec, r in items:
-        if spec is None or spec.method in detailed:
+    items = [full, *reduced]
+    for r in items:
+        if r is full or r.method in detailed:
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, dtype=torch.float64, device=device)]
@@ -229,8 +232,8 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
         x64 = x.double()  # uncentred sums cancel when centred later: accumulate them in float64
         gram_x += x64.T @ x64
         sum_x += x64.sum(0)
-        for spec, r in items:
-            v, i = _code(sae, spec, pre, vals, idx)
+        for r in items:
+            v, i = _code(sae, r, pre, vals, idx)
             x_hat = sae.decode(v, i).float()
             r.acc.update(x, x_hat, v)
             r.fired[i[v > 0]] = True
@@ -243,12 +246,12 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     sample = _sample(n_tok, opts.rsa_tokens, opts.seed)
     x_s = data.acts[sample].to(device).float()
     pre_s, vals_s, idx_s = _encode_full(sae, x_s)
-    for spec, r in items:
+    for r in items:
         m = r.acc.result()
         del m["tokens"]
         m["dead_fraction"] = 1.0 - float(r.fired.sum()) / r.g
         if r.grams is not None:  # the detailed methods: similarity too
-            x_hat_s = sae.decode(*_code(sae, spec, pre_s, vals_s, idx_s)).float()
+            x_hat_s = sae.decode(*_code(sae, r, pre_s, vals_s, idx_s)).float()
             m["rsa"] = rsa(x_s, x_hat_s, n_tokens=opts.rsa_tokens, seed=opts.seed)
             m["cka"] = linear_cka_from_grams(gram_x, sum_x, r.grams[0], r.grams[1], r.grams[2], n_tok)
             r.grams = None
@@ -336,13 +339,15 @@ def monotone_fvu(report: EvalReport, method: str, tolerance: float = MONOTONE_TO
 
 
 def _spectrum(sae, ranking: LatentStats, report: EvalReport) -> None:
-    """The decoder spectrum has one value per eigen-direction, not per latent: logged as its own curves."""
-    for name, weights in (("eigenvalue", ranking.mean_sq), ("eigenvalue_unweighted", None)):
-        eig = decoder_spectrum(sae, weights=weights if weights is None or float(weights.sum()) > 0 else None)
+    """The decoder spectrum has one value per eigen-direction, not per latent: logged as its own curves (positive
+    eigenvalues), and the usage-weighted one fitted like importance."""
+    usage = ranking.mean_sq if float(ranking.mean_sq.sum()) > 0 else None
+    spectra = {"eigenvalue": decoder_spectrum(sae, weights=usage), "eigenvalue_unweighted": decoder_spectrum(sae)}
+    for name, eig in spectra.items():
         report.curves[f"spectrum/{name}"] = [[r + 1, float(v)] for r, v in enumerate(eig.tolist()) if v > 0]
-    eig = torch.tensor([v for _, v in report.curves["spectrum/eigenvalue"]], dtype=torch.float64)
     try:
-        fit = fit_power_law(eig)
+        weighted = spectra["eigenvalue"]
+        fit = fit_power_law(weighted[weighted > 0])
     except ValueError:
         return
     report.final.update({f"spectrum_fit/{k}": float(v) for k, v in fit.as_dict().items() if _numeric(v)})
