@@ -1,11 +1,15 @@
-"""Where a sweep's time goes: harvest, training and evaluation seconds per trial, and eval_to_train.
+"""Where a sweep's time goes, and what packing grid points into one trial saves.
 
-    python benchmarks/sweep_cost.py [--spec default]
+    python benchmarks/sweep_cost.py [--spec default] [--skip-packed]
 
-Runs the spec's grid through the real sweep driver (Ray Tune, MLflow on a throwaway SQLite store, the shard
-store of the spec, so a warm store costs no harvest) and prints one line per trial plus the totals. The ratio
-that matters is eval_to_train = sum of evaluation seconds / sum of training seconds, in the same run.
-(Packing several grid points into one trial is not built yet, so no packed_speedup is printed.)
+Runs the spec's grid twice through the real sweep driver (Ray Tune, MLflow on a throwaway SQLite store, the
+spec's shard store, so a warm store costs no harvest), in the same run:
+  1. as the spec says (its resources.pack; the default spec: one point per trial, `max_concurrent` at a time);
+  2. packed: every point of a seed in one trial with all the CPUs (cpus x max_concurrent) and max_concurrent 1,
+     so both runs get the same cores.
+Prints per-trial training and evaluation seconds, eval_to_train (sum of evaluation / sum of training seconds, of
+run 1), packed_speedup (trials wall time of run 1 / run 2) and the packed trial's peak memory against the
+estimate the sweep printed before it started (peak_vs_estimate; orchestrator/packing.py).
 """
 
 from __future__ import annotations
@@ -22,27 +26,48 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.spec import load_spec  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", default="default", help="spec name or YAML path (default: default)")
-    args = p.parse_args(argv)
+def run(spec_name: str, overrides: dict, label: str):
     from orchestrator.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
-        spec = load_spec(args.spec, {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "results_path": f"{tmp}/results"})
+        spec = load_spec(spec_name, {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "results_path": f"{tmp}/results",
+                                     **overrides})
         t0 = time.perf_counter()
-        outcome = run_sweep(spec, log=lambda msg: None)
+        outcome = run_sweep(spec, log=lambda msg: print(f"  [{label}] {msg}") if "grid points" in msg else None)
         wall = time.perf_counter() - t0
     t = outcome.timings.sort_values("run_name")
-    print(f"spec {spec.name}: {len(t)} trials, wall {wall:.1f}s (harvest {outcome.harvest_seconds:.1f}s, "
+    print(f"{label}: {len(t)} points, wall {wall:.1f}s (harvest {outcome.harvest_seconds:.1f}s, "
           f"trials {outcome.trials_seconds:.1f}s)")
     for r in t.itertuples():
-        print(f"  {r.run_name:<48} train {r.train_seconds:7.1f}s  eval {r.eval_seconds:7.1f}s")
+        print(f"  {r.run_name:<48} train {r.train_seconds:7.1f}s  eval {r.eval_seconds:7.1f}s  "
+              f"peak {r.peak_memory_mb:6.0f} MB (estimate {r.estimated_memory_mb:6.0f} MB)")
+    return spec, outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default="default", help="spec name or YAML path (default: default)")
+    p.add_argument("--skip-packed", action="store_true", help="time the spec as it is only (no packed_speedup)")
+    args = p.parse_args(argv)
+    spec, base = run(args.spec, {}, "as specified")
+    t = base.timings
     train, evals = float(t.train_seconds.sum()), float(t.eval_seconds.sum())
-    print(f"harvest_seconds {outcome.harvest_seconds:.1f}")
+    print(f"harvest_seconds {base.harvest_seconds:.1f}")
     print(f"train_seconds_per_trial {train / len(t):.1f}")
     print(f"eval_seconds_per_trial {evals / len(t):.1f}")
     print(f"eval_to_train {evals / train:.3f}")
+    if args.skip_packed:
+        return 0
+    r = spec.resources
+    cpus = r.cpus * r.max_concurrent
+    _, packed = run(args.spec, {"resources": {**r.model_dump(), "cpus": cpus, "max_concurrent": 1,
+                                              "pack": len(spec.trial_points())}}, "packed")
+    pt = packed.timings
+    print(f"packed_trials_seconds {packed.trials_seconds:.1f} (unpacked {base.trials_seconds:.1f})")
+    print(f"packed_speedup {base.trials_seconds / packed.trials_seconds:.2f}")
+    print(f"packed_peak_memory_mb {pt.peak_memory_mb.max():.0f}")
+    print(f"packed_estimated_memory_mb {pt.estimated_memory_mb.max():.0f}")
+    print(f"peak_vs_estimate {pt.peak_memory_mb.max() / pt.estimated_memory_mb.max():.2f}")
     return 0
 
 

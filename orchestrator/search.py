@@ -21,8 +21,9 @@ from sae.matryoshka import partition_label
 OBJECTIVES = ["objective_fvu", "objective_size"]
 
 
-def grid_space(spec: SweepSpec) -> dict[str, Any]:
-    return {"point": tune.grid_search(spec.trial_points())}
+def grid_space(packs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Tune trial per pack ({"points": [...], "estimated_memory_mb": ...}, orchestrator.packing)."""
+    return {"pack": tune.grid_search(packs)}
 
 
 def optuna_space(spec: SweepSpec) -> dict[str, Any]:

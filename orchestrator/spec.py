@@ -47,6 +47,19 @@ class TrialResources(_Strict):
     cpus: float = Field(2.0, gt=0)
     gpus: float = Field(0.0, ge=0)
     max_concurrent: int = Field(1, ge=1)
+    pack: Literal["auto"] | int = Field(
+        1, description="grid points per Tune trial: they train from one pass over the shards (up to `cpus` at once, "
+                       "one thread each) and share one LM load for evaluation; points of one seed only. auto: as many "
+                       "as the memory estimate fits in memory_gb (orchestrator/packing.py)")
+    memory_gb: float | None = Field(None, gt=0, description="memory one trial may use, for pack: auto; null: this "
+                                                            "machine's available memory / max_concurrent")
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"pack must be a positive number of grid points or 'auto', got {v!r}")
+        return v
 
 
 class GridSpec(_Strict):
@@ -189,6 +202,9 @@ class SweepSpec(_Strict):
                 raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
                                  f"{p['partition']} at n_latents={p['n_latents']} (boundaries {p['boundaries']}), so that "
                                  "SAE has no prefix there to score; set optuna.objective_granularity to a shared boundary")
+        if self.resources.pack == "auto" and self.resources.gpus > 0 and self.resources.memory_gb is None:
+            raise ValueError("resources.pack: 'auto' on GPUs needs resources.memory_gb (the GPU memory a trial may "
+                             "use); the driver cannot see the workers' GPUs")
         if self.device == "cuda" and self.resources.gpus <= 0:
             raise ValueError("device: 'cuda' needs resources.gpus > 0 (a GPU per trial), got resources.gpus = 0")
         try:  # the training settings, as every trial will build them
@@ -268,12 +284,13 @@ def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> 
     return point
 
 
-def point_from_config(config: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
-    """A trial's point from its Tune config: a grid trial carries it whole; an Optuna trial carries the axes."""
-    if "point" in config:
-        return config["point"]
-    return make_point(config["n_latents"], config["k"], config["architecture"],
-                      spec.grid.partition[config["partition_index"]], config["seed"])
+def points_from_config(config: dict[str, Any], spec: SweepSpec) -> list[dict[str, Any]]:
+    """A trial's grid points from its Tune config: a grid trial carries its pack whole (orchestrator.packing); an
+    Optuna trial carries the axes of its one point."""
+    if "pack" in config:
+        return list(config["pack"]["points"])
+    return [make_point(config["n_latents"], config["k"], config["architecture"],
+                       spec.grid.partition[config["partition_index"]], config["seed"])]
 
 
 def trial_key(point: dict[str, Any]) -> str:

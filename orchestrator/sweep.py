@@ -30,13 +30,20 @@ from orchestrator.frontier import (
     save_figure,
 )
 from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
-from orchestrator.tracking import MLflowSweepCallback, Tracker
+from orchestrator.tracking import ERROR_TAG, MLflowSweepCallback, Tracker
 from orchestrator.trial import run_trial
 from sae.evaluate import PRIMARY_RULE
+from sae.lm import describe_model
 from sae.metrics import variance_share_of_top_tokens
+
+# per point: its share of the pack's training, its own evaluation (plus a share of the pack's LM load and clean
+# pass), and the trial's peak memory against the estimate printed before the sweep (orchestrator.packing)
+TIMING_METRICS = ("train_seconds", "eval_seconds", "pack_size", "pack_train_seconds", "peak_memory_mb",
+                  "peak_memory_train_mb", "estimated_memory_mb")
 
 
 class SweepInterrupted(RuntimeError):
@@ -174,6 +181,7 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
                 "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules),
                 "eval_top1pct_variance_share": f"{concentration:.4f}"},
     )
+    packs = plan_grid(spec, train_store, log) if search == "grid" else []
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),
         {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
@@ -193,7 +201,7 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
             tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
                                           max_concurrent_trials=spec.resources.max_concurrent)
         else:
-            space = grid_space(spec)
+            space = grid_space(packs)
             tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent)
         tuner = tune.Tuner(
             trainable, param_space=space, tune_config=tune_config,
@@ -207,12 +215,14 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
         )
     results = tuner.fit()
     trials_seconds = time.perf_counter() - t1
-    errors = [str(r.error) for r in results if r.error]
     unfinished = [r for r in results if r.error is None and (r.metrics or {}).get("phase") != "eval"]
     if unfinished:  # interrupted (Ctrl+C / SIGINT): Tune saved its state; the parent run stays open for --resume
         tracker.finish(parent, "KILLED")
         raise SweepInterrupted(f"{len(unfinished)} trial(s) unfinished; continue with: "
                                f"python sweeps/frontier.py --spec <this spec> --resume")
+    failed = [r for r in tracker.runs_of(parent) if r.info.status == "FAILED"]
+    errors = [f"{r.info.run_name}: {r.data.tags.get(ERROR_TAG, 'no reason recorded')}" for r in failed]
+    errors += [str(r.error) for r in results if r.error and not failed]
     points = tracker.curve_points([spec.experiment_name], parent_id=parent)
     frontier = compute_frontier(points)
     _log_frontier(tracker, parent, points, frontier, title=f"{spec.experiment_name} / {name}")
@@ -221,15 +231,27 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
                                  "trials_failed": float(len(errors))})
     tracker.finish(parent, "FAILED" if errors else "FINISHED")
     if errors:
-        raise RuntimeError(f"{len(errors)} trial(s) failed; first error:\n{errors[0]}")
-    timings = pd.DataFrame([
-        {"run_name": r.info.run_name, "train_seconds": r.data.metrics.get("train_seconds", float("nan")),
-         "eval_seconds": r.data.metrics.get("eval_seconds", float("nan"))} for r in tracker.runs_of(parent)])
+        raise RuntimeError(f"{len(errors)} grid point(s) failed (their runs are FAILED, tag {ERROR_TAG}); the others "
+                           f"are logged and in the frontier. First:\n{errors[0]}")
+    timings = pd.DataFrame([{"run_name": r.info.run_name, **{k: r.data.metrics.get(k, float("nan")) for k in TIMING_METRICS}}
+                            for r in tracker.runs_of(parent)])
     outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path,
                            timings)
     if search == "optuna":
         outcome.pareto_trials = pareto_trials(spec)
     return outcome
+
+
+def plan_grid(spec: SweepSpec, train_store: str, log=print) -> list[dict]:
+    """The grid in packs (orchestrator.packing), each with its memory estimate; the plan is printed."""
+    manifest = read_manifest(train_store)
+    lm = describe_model(spec.model, revision=spec.revision)
+    rows = max(s["rows"] for s in manifest.shards)
+    device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
+    packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device)
+    log(f"[sweep] {describe_plan(spec, packs, d=manifest.d, lm=lm, shard_rows=rows, device=device)}")
+    return [{"points": p, "estimated_memory_mb": round(trial_memory(spec, p, d=manifest.d, lm=lm, shard_rows=rows,
+                                                                     device=device).peak / MB, 1)} for p in packs]
 
 
 def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:

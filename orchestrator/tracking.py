@@ -1,7 +1,8 @@
-"""The only MLflow writer: one parent run per sweep, one child run per trial, written from the driver alone.
+"""The only MLflow writer: one parent run per sweep, one child run per grid point, written from the driver alone.
 
-Trials never talk to MLflow; they report through Ray Tune and leave a result bundle (result.json, the SAE
-checkpoint, plots) in their final Tune checkpoint. `MLflowSweepCallback` runs in the driver and turns those
+Trials never talk to MLflow; they report through Ray Tune and leave one result bundle per grid point (result.json,
+the SAE checkpoint, plots; or error.txt) in their final Tune checkpoint. A trial may hold several points
+(orchestrator.packing): each still gets its own run, its own training curves and its own FAILED status. `MLflowSweepCallback` runs in the driver and turns those
 reports into MLflow runs, so a SQLite store only ever sees one writer. Runs are matched by tags (the sweep key
 on the parent, the trial key on each child), which is what makes `--resume` reuse runs instead of duplicating.
 """
@@ -19,12 +20,13 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
-from orchestrator.spec import SweepSpec, point_from_config
-from orchestrator.trial import RESULT_FILE
+from orchestrator.spec import SweepSpec, points_from_config
+from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
-TRIAL_KEY_TAG = "sae_frontier.trial_id"  # the Tune trial id: stable across Tuner.restore
+TRIAL_KEY_TAG = "sae_frontier.trial_id"  # <Tune trial id>/<point key>: stable across Tuner.restore
+ERROR_TAG = "sae_frontier.error"  # why a point's run FAILED
 POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key)
 SPEC_HASH_TAG = "sae_frontier.spec_hash"
 PARENT_TAG = "mlflow.parentRunId"
@@ -87,7 +89,8 @@ class Tracker:
                              "restore the spec it ran with, or start a new sweep without --resume")
 
     def child_run(self, parent_id: str, trial_id: str, *, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        """One child run per trial, matched by the Tune trial id so a resumed trial reuses its run."""
+        """One child run per grid point, matched by `trial_id` (Tune trial id / point key) so a resumed trial
+        reuses its runs."""
         run_id = self._find(f"tags.`{TRIAL_KEY_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'")
         if run_id is not None:
             return run_id
@@ -231,7 +234,7 @@ class MLflowSweepCallback(tune.Callback):
         self.spec_json = spec_json
         self.spec = SweepSpec.model_validate_json(spec_json)
         self._tracker: Tracker | None = None
-        self._runs: dict[str, str] = {}
+        self._runs: dict[str, list[tuple[dict[str, Any], str]]] = {}  # Tune trial id -> (point, run id)
         self._logged_up_to: dict[str, int] = {}  # run id -> last training step (tokens) logged
 
     def __getstate__(self) -> dict:
@@ -247,47 +250,68 @@ class MLflowSweepCallback(tune.Callback):
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
 
-    def _run_for(self, trial) -> str:
-        key = trial.trial_id
-        if key not in self._runs:
-            point = point_from_config(trial.config, self.spec)
-            name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
-            params = {k: v for k, v in point.items() if k != "trial_key"}
-            run_id = self.tracker.child_run(self.parent_id, key, name=name, params=params,
-                                            tags={POINT_KEY_TAG: point["trial_key"]})
-            history = self.tracker.client.get_metric_history(run_id, "train/loss")
-            self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
-            self._runs[key] = run_id
-        return self._runs[key]
+    def _runs_for(self, trial) -> list[tuple[dict[str, Any], str]]:
+        """(point, child run id) for every grid point of the trial; a point's run is matched by Tune trial id and
+        point key, so a restored trial reuses its runs."""
+        if trial.trial_id not in self._runs:
+            runs = []
+            for point in points_from_config(trial.config, self.spec):
+                name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
+                params = {k: v for k, v in point.items() if k != "trial_key"}
+                run_id = self.tracker.child_run(self.parent_id, f"{trial.trial_id}/{point['trial_key']}", name=name,
+                                                params=params, tags={POINT_KEY_TAG: point["trial_key"]})
+                history = self.tracker.client.get_metric_history(run_id, "train/loss")
+                self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
+                runs.append((point, run_id))
+            self._runs[trial.trial_id] = runs
+        return self._runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._runs_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("phase") != "train":
             return
-        run_id, step = self._run_for(trial), int(result["tokens_seen"])
-        if step <= self._logged_up_to[run_id]:
-            return  # a trial restarted from a checkpoint re-reports steps this run already has
-        metrics = {f"train/{k}": result[k] for k in result
-                   if k in self.TRAIN_KEYS or k.startswith(self.TRAIN_PREFIXES)}
-        self.tracker.log_metrics(run_id, metrics, step=step)
-        self._logged_up_to[run_id] = step
+        step = int(result["tokens_seen"])
+        for point, run_id in self._runs_for(trial):
+            if step <= self._logged_up_to[run_id]:
+                continue  # a trial restarted from a checkpoint re-reports steps this run already has
+            prefix = f"{point['trial_key']}/"
+            own = {k.removeprefix(prefix): v for k, v in result.items() if k.startswith(prefix)}
+            metrics = {f"train/{k}": v for k, v in own.items()
+                       if k in self.TRAIN_KEYS or k.startswith(self.TRAIN_PREFIXES)}
+            if metrics:  # a point whose SAE stopped (non-finite loss) reports nothing more
+                self.tracker.log_metrics(run_id, metrics, step=step)
+                self._logged_up_to[run_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        if self.tracker.is_finished(run_id):
-            return  # a restored sweep re-reported a trial whose results this run already holds
         checkpoint = trial.checkpoint
         if checkpoint is None:
-            self.tracker.finish(run_id, "FAILED")
+            for _, run_id in self._runs_for(trial):
+                if not self.tracker.is_finished(run_id):
+                    self._fail(run_id, "the trial ended without a checkpoint")
             return
         with checkpoint.as_directory() as path:
-            if not (Path(path) / RESULT_FILE).exists():
-                self.tracker.finish(run_id, "FAILED")
-                return
-            self.tracker.log_trial_bundle(run_id, Path(path))
-        self.tracker.finish(run_id)
+            for point, run_id in self._runs_for(trial):
+                if self.tracker.is_finished(run_id):
+                    continue  # a restored sweep re-reported a point whose results this run already holds
+                bundle = point_dir(path, point)
+                if (bundle / RESULT_FILE).exists():
+                    self.tracker.log_trial_bundle(run_id, bundle)
+                    self.tracker.finish(run_id)
+                elif (bundle / ERROR_FILE).exists():
+                    self._fail(run_id, (bundle / ERROR_FILE).read_text())
+                else:
+                    self._fail(run_id, "the trial finished without a result for this point")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.finish(self._run_for(trial), "FAILED")
+        error = info.get("error") or getattr(trial, "error_file", None) or "the trial raised"
+        for _, run_id in self._runs_for(trial):
+            if not self.tracker.is_finished(run_id):
+                self._fail(run_id, str(error))
+
+    def _fail(self, run_id: str, why: str) -> None:
+        """Mark a point's run FAILED and say why: in a tag (the UI's run list) and as error.txt."""
+        self.tracker.log_tags(run_id, {ERROR_TAG: why[-4000:]})
+        self.tracker.client.log_text(run_id, why, ERROR_FILE)
+        self.tracker.finish(run_id, "FAILED")

@@ -1,18 +1,26 @@
-"""One Ray Tune trial: stream the shared shards, train one SAE, evaluate it, leave a result bundle.
+"""One Ray Tune trial: stream the shared shards, train a pack of SAEs, evaluate each, leave one bundle per point.
 
-The trial only computes; it never writes MLflow. It reports training metrics to Tune as it goes (the driver's
-tracking callback logs them) and saves the trainer state as a Tune checkpoint every few steps, so a failed
-trial restarts from its last checkpoint rather than from scratch. Its last report carries a checkpoint holding
-the result bundle: result.json (final metrics, curves with step = G, power law), the SAE (safetensors +
-cfg.json) and the plots.
+A trial holds one or several grid points (orchestrator.packing): they train together from one pass over the
+shards and are evaluated one after another with one LM load and one clean pass. Each point keeps its own
+outcome: a non-finite loss stops that SAE only, an evaluation error fails that point only, and each finished
+point's bundle is checkpointed as soon as it exists, so a restarted trial redoes neither its training nor the
+evaluations already done. The trial only computes; it never writes MLflow. It reports training metrics to Tune
+as `<point key>/<metric>` (the driver's tracking callback logs them to each point's run) and saves its state as
+a Tune checkpoint every few steps. Its checkpoint holds trainer.pt and points/<point key>/ with either the
+result bundle (result.json: final metrics, curves with step = G, power law; the SAE as safetensors + cfg.json;
+plots) or error.txt.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import resource
+import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,7 @@ import torch
 from ray import tune
 
 from orchestrator.shards import iter_batches, iter_records, read_manifest
-from orchestrator.spec import SweepSpec, point_from_config
+from orchestrator.spec import SweepSpec, points_from_config
 from sae.checkpoint import save_sae
 from sae.config import SAEConfig
 from sae.corpus import special_ids
@@ -32,7 +40,11 @@ from sae.splice import SpliceScorer
 from sae.train import Trainer
 
 TRAINER_STATE = "trainer.pt"
-RESULT_FILE = "result.json"  # the result bundle's index, read by orchestrator.tracking
+POINTS_DIR = "points"
+RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrator.tracking
+ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
+MB = 1 << 20
+INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 
 
 def pick_device(requested: str) -> str:
@@ -90,97 +102,200 @@ def splice_contexts(data: EvalData, positions: torch.Tensor, n: int, bos_id: int
     return torch.stack([r[:width] for r in rows])
 
 
-def _report_train(trainer: Trainer, metrics: dict[str, float], spec: SweepSpec) -> None:
+def point_dir(root: str | Path, point: dict[str, Any]) -> Path:
+    """Where a point's bundle (or error.txt) lives inside a trial checkpoint."""
+    return Path(root) / POINTS_DIR / point["trial_key"]
+
+
+def point_done(root: str | Path, point: dict[str, Any]) -> bool:
+    d = point_dir(root, point)
+    return (d / RESULT_FILE).exists() or (d / ERROR_FILE).exists()
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak resident memory (CPU), or the peak memory torch allocated on the GPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[str], spec: SweepSpec,
+                  work: Path) -> None:
     """Report every `report_every_steps`; save the trainer state every `checkpoint_every_steps`."""
     checkpoint = trainer.step % spec.train.checkpoint_every_steps == 0
     if not checkpoint and trainer.step % spec.train.report_every_steps:
         return
-    payload = {"phase": "train", "tokens_seen": trainer.tokens_seen, "step": trainer.step, **metrics}
+    payload = {"phase": "train", "tokens_seen": trainer.tokens_seen, "step": trainer.step}
+    for key, m in zip(keys, metrics, strict=True):
+        payload.update({f"{key}/{name}": float(v) for name, v in m.items()})
     if not checkpoint:
         tune.report(payload)
         return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(trainer.state_dict(), Path(d) / TRAINER_STATE)
-        tune.report(payload, checkpoint=tune.Checkpoint.from_directory(d))
+    torch.save(trainer.state_dict(), work / TRAINER_STATE)
+    tune.report(payload, checkpoint=tune.Checkpoint.from_directory(work))
+
+
+def _sae_config(point: dict[str, Any], d: int) -> SAEConfig:
+    return SAEConfig(d_in=d, n_latents=point["n_latents"], k=point["k"], architecture=point["architecture"],
+                     partition=tuple(point["boundaries"]) if point["boundaries"] else None)
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_store: str) -> None:
     """The Tune trainable (wrapped with tune.with_parameters and tune.with_resources by the sweep)."""
     spec = SweepSpec.model_validate_json(spec_json)
-    point = point_from_config(config, spec)
+    points = points_from_config(config, spec)
+    keys = [p["trial_key"] for p in points]
+    estimated_mb = float(config.get("pack", {}).get("estimated_memory_mb", float("nan")))
     device = pick_device(spec.device)
-    torch.set_num_threads(max(1, int(spec.resources.cpus)))
+    cpus = max(1, int(spec.resources.cpus))
+    torch.set_num_threads(cpus)
     manifest = read_manifest(train_store)
-    sae_cfg = SAEConfig(
-        d_in=manifest.d, n_latents=point["n_latents"], k=point["k"], architecture=point["architecture"],
-        partition=tuple(point["boundaries"]) if point["boundaries"] else None,
-    )
-    trainer = Trainer([(sae_cfg, spec.train_config(point, device))])
+    members = [(_sae_config(p, manifest.d), spec.train_config(p, device)) for p in points]
+    if len({p["seed"] for p in points}) != 1:
+        raise ValueError(f"a pack reads one ordered stream of batches, so its points must share a seed: {keys}")
+    trainer = Trainer(members, parallel=min(len(points), cpus), isolate_failures=True)
 
-    resumed = tune.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            if (Path(d) / RESULT_FILE).exists():  # evaluation already finished: report it again, nothing to redo
-                final = json.loads((Path(d) / RESULT_FILE).read_text())["final"]
-                tune.report({"phase": "eval", **final, **_objectives(final, spec, point)}, checkpoint=resumed)
+    work = Path(tempfile.mkdtemp(prefix="sae-trial-"))
+    try:
+        resumed = tune.get_checkpoint()
+        if resumed is not None:
+            with resumed.as_directory() as d:
+                shutil.copytree(d, work, dirs_exist_ok=True)
+            if all(point_done(work, p) for p in points):  # evaluation already finished: report it again
+                tune.report(_final_report(work, points, spec), checkpoint=resumed)
                 return
-            trainer.load_state_dict(torch.load(Path(d) / TRAINER_STATE, weights_only=True, map_location=device))
+            trainer.load_state_dict(torch.load(work / TRAINER_STATE, weights_only=True, map_location=device))
+        _train_and_evaluate(trainer, points, keys, spec, device, train_store, eval_store, work, estimated_mb)
+    finally:
+        trainer.close()
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: list[str], spec: SweepSpec,
+                        device: str, train_store: str, eval_store: str, work: Path, estimated_mb: float) -> None:
     t0 = time.perf_counter()
     start, start_tokens = trainer.step, trainer.tokens_seen
-    metrics: dict[str, float] = {}
-    for batch in itertools.islice(training_batches(train_store, spec, point["seed"], device), start, None):
-        metrics = trainer.train_step(batch)[0]
-        _report_train(trainer, metrics, spec)
+    last: list[dict[str, float]] = [{} for _ in points]
+    if not trainer.finished:
+        for batch in itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None):
+            metrics = [{k: float(v) for k, v in m.items()} for m in trainer.train_step(batch)]
+            if trainer.step == 1:
+                _inject_faults(trainer, keys)
+            last = [m or old for m, old in zip(metrics, last, strict=True)]
+            _report_train(trainer, metrics, keys, spec, work)
+            if trainer.finished:
+                break
     train_seconds = time.perf_counter() - t0
-    sae = trainer.saes[0].eval()
+    tokens_per_second = (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9)
+    for i, why in trainer.failures.items():
+        _write_error(work, points[i], f"training stopped at step {trainer.step}: {why}")
+    torch.save(trainer.state_dict(), work / TRAINER_STATE)  # a restart after this point never retrains
+    peak_train_mb = peak_memory_mb(device)
+    todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]
+    saes = trainer.release()  # the optimiser moments are not needed for evaluation
 
-    data, positions = load_eval_data(eval_store, spec)
-    lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
-    contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0],
-                               spec.eval.splice_length)
-    scorer = SpliceScorer(lm, contexts, spec.site)
-    opts = spec.eval.options(spec.granularities())
     t1 = time.perf_counter()
-    ranking = latent_stats(sae, importance_sample(train_store, spec.eval.importance_tokens))
-    label = f"n={point['n_latents']} k={point['k']} {point['partition']}"
+    if todo:
+        data, positions = load_eval_data(eval_store, spec)
+        lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
+        contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0],
+                                   spec.eval.splice_length)
+        scorer = SpliceScorer(lm, contexts, spec.site)
+        sample = list(importance_sample(train_store, spec.eval.importance_tokens))
+    shared_eval = time.perf_counter() - t1
+    shared = {"pack_size": float(len(points)), "pack_train_seconds": train_seconds,
+              "train_seconds": train_seconds / len(points), "train_tokens_per_second": tokens_per_second,
+              "peak_memory_train_mb": peak_train_mb, "estimated_memory_mb": estimated_mb}
+    for i, point in todo:
+        t2 = time.perf_counter()
+        try:
+            final, report = _evaluate_point(saes[i], point, spec, data, scorer, sample)
+        except Exception:  # noqa: BLE001 - one point's failure must not take the pack's other points with it
+            _write_error(work, point, traceback.format_exc())
+        else:
+            final.update(shared)
+            final.update({"eval_seconds": time.perf_counter() - t2 + shared_eval / len(todo),
+                          "tokens_seen": float(trainer.tokens_seen), "ce_clean": scorer.ce_clean,
+                          "ce_zero": scorer.ce_zero, "splice_contexts": float(contexts.shape[0]),
+                          "splice_tokens": float(contexts.numel()), "peak_memory_mb": peak_memory_mb(device),
+                          **{f"train_final/{k}": v for k, v in last[i].items()}})
+            _write_bundle(point_dir(work, point), saes[i], point, spec, report, final, device)
+        tune.report({"phase": "evaluated", "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
+    tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
+
+
+def _inject_faults(trainer: Trainer, keys: list[str]) -> None:
+    """Test hook: the points named in $SAE_FRONTIER_INJECT_NAN (comma-separated point keys) get an infinite
+    decoder weight after their first step, so their next loss is non-finite (tests that one point's failure
+    stays its own). Unset in normal runs."""
+    poisoned = set(filter(None, os.environ.get(INJECT_NAN_ENV, "").split(",")))
+    with torch.no_grad():
+        for i, key in enumerate(keys):
+            if key in poisoned:
+                trainer.saes[i].W_dec[:, 0] = float("inf")
+
+
+def _evaluate_point(sae, point: dict[str, Any], spec: SweepSpec, data: EvalData, scorer: SpliceScorer,
+                    sample: list[torch.Tensor]):
+    opts = spec.eval.options(spec.granularities())
+    ranking = latent_stats(sae, iter(sample))
+    label = f"n={point['n_latents']} k={point['k']} {point['partition']} s{point['seed']}"
     report = evaluate_progressive(sae, data, opts, scorer, ranking=ranking,
                                   progress=lambda msg: print(f"[eval {label}] {msg}", flush=True))
-    final = {
-        **report.final,
-        "train_seconds": train_seconds,
-        "eval_seconds": time.perf_counter() - t1,
-        "train_tokens_per_second": (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
-        "tokens_seen": float(trainer.tokens_seen),
-        "ce_clean": scorer.ce_clean,
-        "splice_contexts": float(contexts.shape[0]),
-        "splice_tokens": float(contexts.numel()),
-        "ce_zero": scorer.ce_zero,
-        "objective_fvu": report.at("fvu", principal_method(sae_cfg.is_matryoshka), spec.objective_granularity()),
-        **{f"train_final/{k}": v for k, v in metrics.items()},
+    final = {**report.final,
+             "objective_fvu": report.at("fvu", principal_method(sae.cfg.is_matryoshka), spec.objective_granularity())}
+    return final, report
+
+
+def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report, final: dict[str, float],
+                  device: str) -> None:
+    """The point's result bundle, written under a temporary name and renamed into place."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_sae(sae, tmp / "sae")
+    (tmp / "plots").mkdir()
+    if report.fit is not None:
+        plot_importance(report.importance, report.fit).savefig(tmp / "plots" / "power_law.png", dpi=110)
+    for metric, rule in itertools.product(("fvu", "ce_score", "l0"), spec.eval.rules):
+        rows = report.curve_rows(metric, rule)
+        if rows:
+            plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu", title=f"{metric} vs G ({rule} rule)"
+                                ).savefig(tmp / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
+    result = {
+        "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
+        "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, "device": device,
+                     "lr": spec.train_config(point, device).learning_rate(point["n_latents"])},
     }
-    with tempfile.TemporaryDirectory() as d:
-        bundle = Path(d)
-        save_sae(sae, bundle / "sae")
-        (bundle / "plots").mkdir()
-        if report.fit is not None:
-            plot_importance(report.importance, report.fit).savefig(bundle / "plots" / "power_law.png", dpi=110)
-        for metric, rule in itertools.product(("fvu", "ce_score", "l0"), opts.rules):
-            rows = report.curve_rows(metric, rule)
-            if rows:
-                plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu", title=f"{metric} vs G ({rule} rule)"
-                                    ).savefig(bundle / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
-        result = {
-            "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
-            "resolved": {"d_in": manifest.d, "input_scale": sae.cfg.input_scale, "device": device,
-                         "lr": spec.train_config(point, device).learning_rate(point["n_latents"])},
-        }
-        (bundle / RESULT_FILE).write_text(json.dumps(result, indent=1))
-        tune.report({"phase": "eval", **final, **_objectives(final, spec, point)},
-                    checkpoint=tune.Checkpoint.from_directory(d))
+    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1))
+    tmp.rename(out)
+
+
+def _write_error(work: Path, point: dict[str, Any], why: str) -> None:
+    out = point_dir(work, point)
+    if (out / ERROR_FILE).exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (ERROR_FILE + ".partial")
+    tmp.write_text(why)
+    tmp.rename(out / ERROR_FILE)
+
+
+def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """The trial's last report: how many points failed, plus (one-point trials, e.g. Optuna's) its objectives."""
+    failed = [p for p in points if (point_dir(work, p) / ERROR_FILE).exists()]
+    out: dict[str, Any] = {"phase": "eval", "points": len(points), "points_failed": len(failed)}
+    if len(points) == 1:
+        final = ({} if failed else
+                 json.loads((point_dir(work, points[0]) / RESULT_FILE).read_text())["final"])
+        out.update(final)
+        out.update(_objectives(final, spec, points[0]))
+    return out
 
 
 def _objectives(final: dict[str, float], spec: SweepSpec, point: dict[str, Any]) -> dict[str, float]:
-    """The two numbers an Optuna study minimises: FVU at the objective G, and dictionary size (or L0)."""
-    return {"objective_fvu": final["objective_fvu"],
-            "objective_size": float(point["n_latents"] if spec.optuna.size_objective == "n_latents" else final["l0"])}
+    """The two numbers an Optuna study minimises: FVU at the objective G, and dictionary size (or L0); NaN for a
+    failed point, which Optuna records as a failed trial."""
+    nan = float("nan")
+    return {"objective_fvu": final.get("objective_fvu", nan),
+            "objective_size": float(point["n_latents"] if spec.optuna.size_objective == "n_latents"
+                                    else final.get("l0", nan))}

@@ -15,6 +15,7 @@ clean in both the SAE and the zero-ablation runs makes the scores measure the or
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -238,8 +239,11 @@ class ModelInfo:
     n_layers: int
     d_model: int
     model_type: str
+    n_params: int = 0  # weights, counted on the meta device (tied embeddings once): what loading it costs
+    vocab_size: int = 0
 
 
+@functools.lru_cache(maxsize=8)
 def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -> ModelInfo:
     """Layer count and width from the model's config alone (no weights): validates a site before any work."""
     from transformers import AutoConfig
@@ -256,7 +260,21 @@ def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -
         raise ValueError(f"model {name!r}: its config names no layer count / width (num_hidden_layers, hidden_size)")
     rev = resolve_revision(name, revision) if local is not None else getattr(cfg, "_commit_hash", None) or revision
     return ModelInfo(name=name, revision=rev or "main", n_layers=int(n), d_model=int(d),
-                     model_type=str(getattr(cfg, "model_type", "")))
+                     model_type=str(getattr(cfg, "model_type", "")), n_params=_count_params(cfg),
+                     vocab_size=int(getattr(text, "vocab_size", 0) or 0))
+
+
+def _count_params(cfg: Any) -> int:
+    """The model's weight count from its config alone (built on the meta device: no memory, no download); 0 for
+    an architecture AutoModelForCausalLM cannot build."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError, RuntimeError):
+        return 0
+    return sum(p.numel() for p in model.parameters())
 
 
 def _site_module(lm: LoadedLM, site: Site) -> tuple[torch.nn.Module, bool]:

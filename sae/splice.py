@@ -31,7 +31,7 @@ from torch import Tensor
 from sae.lm import LoadedLM, OutputHead, Replacement, find_output_head, hook_site, parse_site, spliced_logits
 
 DEFAULT_N_BOOT = 1000
-_LOSS_CHUNK_ELEMS = 1 << 26  # logits elements per loss chunk: bounds the [tokens, vocab] float32 temporaries
+LOSS_CHUNK_ELEMS = 1 << 26  # logits elements per loss chunk: bounds the [tokens, vocab] float32 temporaries
 _BOOT_CHUNK_ELEMS = 1 << 20  # resampled indices per bootstrap chunk
 
 
@@ -240,7 +240,7 @@ class SpliceScorer:
         targets = batch.ids[:, 1:].reshape(-1, 1)
         ce = torch.empty(clean.shape[0], device=clean.device)
         kl = torch.empty_like(ce)
-        chunk = max(1, _LOSS_CHUNK_ELEMS // vocab)
+        chunk = max(1, LOSS_CHUNK_ELEMS // vocab)
         for s in range(0, clean.shape[0], chunk):
             e = min(s + chunk, clean.shape[0])
             logp = torch.log_softmax(logits_of(s, e).float(), dim=-1)

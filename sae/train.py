@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -117,11 +118,20 @@ class _Member:
 
 
 class Trainer:
-    """Trains one or several SAEs from ONE stream of batches: each batch is read once and fed to every SAE."""
+    """Trains one or several SAEs from ONE stream of batches: each batch is read once and fed to every SAE.
 
-    def __init__(self, members: Sequence[tuple[SAEConfig, TrainConfig]]):
+    `parallel` > 1 steps that many members at once in threads, each op single-threaded: on a CPU, N members
+    that way keep N cores as busy as N one-thread processes would, while the batches are read once. With
+    `isolate_failures`, a member whose loss turns non-finite stops (its error is in `failures`) and the others
+    go on; by default it raises. A non-finite *batch* always raises: it is every member's input.
+    """
+
+    def __init__(self, members: Sequence[tuple[SAEConfig, TrainConfig]], *, parallel: int = 1,
+                 isolate_failures: bool = False):
         if len(members) == 0:
             raise ValueError("members must hold at least one (SAEConfig, TrainConfig) pair")
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1 (members stepped at once), got {parallel}")
         d = {m[0].d_in for m in members}
         if len(d) != 1:
             raise ValueError(f"members: all SAEs read the same batches, so d_in must agree, got {sorted(d)}")
@@ -132,10 +142,33 @@ class Trainer:
         self.tokens_seen = 0
         self.step = 0
         self.initialised = False
+        self.isolate_failures = isolate_failures
+        self.failures: dict[int, str] = {}  # member index -> why it stopped (isolate_failures only)
+        self.parallel = min(parallel, len(self._members))
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def saes(self) -> list[SparseAutoencoder]:
         return [m.sae for m in self._members]
+
+    @property
+    def finished(self) -> bool:
+        """Every member has failed or reached its TrainConfig.total_tokens."""
+        return all(i in self.failures or m.finished(self.tokens_seen) for i, m in enumerate(self._members))
+
+    def release(self) -> list[SparseAutoencoder]:
+        """The SAEs in eval mode, freeing the optimiser moments, counters and threads: a trainer that is done
+        training hands back only what evaluation needs (it cannot step or save its state afterwards)."""
+        self.close()
+        saes = [m.sae.eval() for m in self._members]
+        self._members = []
+        return saes
+
+    def close(self) -> None:
+        """Stop the member threads (a no-op when parallel == 1)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     # ----- one step ---------------------------------------------------------------------------------------
     def _check_batch(self, batch: Tensor) -> None:
@@ -220,15 +253,30 @@ class Trainer:
         self._check_batch(batch)
         if not self.initialised:
             self._initialise(batch)
-        active = [(i, m) for i, m in enumerate(self._members) if not m.finished(self.tokens_seen)]
+        active = [(i, m) for i, m in enumerate(self._members)
+                  if i not in self.failures and not m.finished(self.tokens_seen)]
         if not active:
             return None
         on_device: dict[torch.device, Tensor] = {}
-        out: list[dict[str, Tensor | float]] = [{} for _ in self._members]
-        for i, m in active:
+        for _, m in active:
             if m.device not in on_device:
                 on_device[m.device] = batch.to(m.device, torch.float32, non_blocking=True)
-            out[i] = self._member_step(i, m, on_device[m.device])
+        out: list[dict[str, Tensor | float]] = [{} for _ in self._members]
+        if self.parallel > 1 and len(active) > 1:
+            if self._pool is None:  # each worker thread runs its ops on one core
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="sae-member",
+                                                initializer=torch.set_num_threads, initargs=(1,))
+            steps = [(i, self._pool.submit(self._member_step, i, m, on_device[m.device])) for i, m in active]
+            results = [(i, _outcome(f.result)) for i, f in steps]
+        else:
+            results = [(i, _outcome(lambda i=i, m=m: self._member_step(i, m, on_device[m.device]))) for i, m in active]
+        for i, res in results:
+            if isinstance(res, FloatingPointError):
+                if not self.isolate_failures:
+                    raise res
+                self.failures[i] = str(res)
+            else:
+                out[i] = res
         self.step += 1
         self.tokens_seen += batch.shape[0]
         return out
@@ -275,6 +323,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "initialised": self.initialised,
+            "failures": dict(self.failures),
             "members": [
                 {"sae_cfg": m.sae.cfg.model_dump(), "sae": m.sae.state_dict(), "optimizer": m.opt.state_dict(),
                  "since_fired": m.since_fired.clone()}
@@ -297,6 +346,15 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.initialised = bool(state["initialised"])
+        self.failures = {int(i): str(why) for i, why in state.get("failures", {}).items()}
+
+
+def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:
+    """A member step's metrics, or the FloatingPointError it raised (so one member's NaN can stop only it)."""
+    try:
+        return step()
+    except FloatingPointError as err:
+        return err
 
 
 def auxk_loss(sae: SparseAutoencoder, aux_k: int, dead_idx: Tensor, pre: Tensor, xc: Tensor, residual: Tensor,

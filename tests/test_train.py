@@ -102,6 +102,42 @@ def test_non_finite_loss_names_the_sae(planted):
         trainer.train_step(planted.x[64:128])
 
 
+def test_isolated_failure_stops_only_that_sae_and_survives_resume(planted):
+    members = [(SAEConfig(d_in=32, n_latents=64, k=4), TC), (SAEConfig(d_in=32, n_latents=96, k=4), TC)]
+    trainer = Trainer(members, isolate_failures=True)
+    trainer.train_step(planted.x[:64])
+    with torch.no_grad():
+        trainer.saes[1].W_dec[:, 0] = float("inf")
+    before = _params(trainer)[1].clone()
+    out = trainer.train_step(planted.x[64:128])
+    assert out[1] == {} and set(out[0]) >= set(METRIC_NAMES)
+    assert list(trainer.failures) == [1] and "SAE 1" in trainer.failures[1]
+    trainer.train_step(planted.x[128:192])  # SAE 0 goes on; SAE 1 is no longer stepped
+    assert trainer.step == 3 and torch.equal(_params(trainer)[1].nan_to_num(), before.nan_to_num())
+    resumed = Trainer(members, isolate_failures=True)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.failures == trainer.failures and resumed.train_step(planted.x[:64])[1] == {}
+    bad = planted.x[:64].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):  # a bad batch is every member's problem
+        resumed.train_step(bad)
+
+
+def test_parallel_members_equal_sequential(planted):
+    members = [(SAEConfig(d_in=32, n_latents=64, k=4), TC),
+               (SAEConfig(d_in=32, n_latents=96, k=6, partition=(24, 48, 96)), TC.model_copy(update={"seed": 3})),
+               (SAEConfig(d_in=32, n_latents=128, k=4, architecture="batchtopk"), TC)]
+    data = list(batches(planted.x[:2048], 128))
+    sequential, threaded = Trainer(members), Trainer(members, parallel=2)
+    sequential.fit(data)
+    threaded.fit(data)
+    threaded.close()
+    for a, b in zip(_params(sequential), _params(threaded), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parallel"):
+        Trainer(members, parallel=0)
+
+
 def _params(trainer):
     return [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in trainer.saes]
 

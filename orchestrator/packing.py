@@ -1,0 +1,132 @@
+"""Several grid points per Tune trial: which points share a trial, and what such a trial costs in memory.
+
+A pack trains its SAEs from one pass over the shards (`sae.train.Trainer` with several members) and evaluates
+them with one LM load and one clean pass. Only points that read the same batches in the same order can share
+one pass, so a pack never mixes seeds (the seed orders the batches). Every point keeps its own MLflow run,
+checkpointed state, result bundle and failure (orchestrator.trial, orchestrator.tracking).
+
+The memory estimate is printed before the sweep and `pack: auto` fills each trial up to the budget with it.
+It is a sum of the big buffers (weights, optimiser moments, the step's [B, n] and per-group temporaries, the
+shard buffer, the LM and its cached clean log-probs), plus the process itself; the trial records its measured
+peak beside the estimate (`peak_memory_mb`, `estimated_memory_mb`) so the model can be checked on any machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.spec import SweepSpec
+from sae.lm import ModelInfo
+from sae.splice import LOSS_CHUNK_ELEMS
+
+MB = 1 << 20
+# A trial process with torch, transformers, pyarrow and a Ray worker loaded, before any tensor (measured on the
+# 2-core dev box: ru_maxrss of a worker that imported everything and built nothing).
+PROCESS_BYTES_CPU = 900 * MB
+PROCESS_BYTES_CUDA = 600 * MB  # the CUDA context and cuBLAS workspaces, counted against the GPU
+BUFFER_SHARDS = 4  # orchestrator.shards.iter_batches keeps this many shards in its shuffle buffer
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one trial: the larger of its training and its evaluation phase."""
+
+    train: int
+    eval: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.train, self.eval)
+
+
+def sae_state_bytes(d: int, n: int) -> int:
+    """Weights, gradients and both Adam moments, all fp32."""
+    return 16 * (2 * d * n + n + d)
+
+
+def sae_step_bytes(d: int, n: int, batch: int, groups: int, compute_dtype: str) -> int:
+    """The step's temporaries: pre-activations [B, n] (and their low-precision copy), the input and its
+    centred and normalised copies [B, d], and per group a partial reconstruction and its gradient [B, d]."""
+    low = 2 if compute_dtype != "float32" else 0
+    return batch * ((4 + low) * n + 4 * (3 + 2 * groups) * d)
+
+
+def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: ModelInfo, shard_rows: int,
+                 device: str = "cpu") -> MemoryEstimate:
+    """The estimate for one trial training and evaluating `points` together (see the module docstring)."""
+    act_bytes = 4 if spec.activation_dtype == "float32" else 2
+    base = PROCESS_BYTES_CUDA if device == "cuda" else PROCESS_BYTES_CPU
+    batch = spec.train.batch_size
+    steps = sorted((sae_step_bytes(d, p["n_latents"], batch, len(p["boundaries"] or [p["n_latents"]]),
+                                   spec.train.compute_dtype) for p in points), reverse=True)
+    parallel = max(1, min(len(points), int(spec.resources.cpus)))
+    shards = 0 if device == "cuda" else BUFFER_SHARDS * shard_rows * d * (act_bytes + 4)
+    train = base + shards + sum(sae_state_bytes(d, p["n_latents"]) for p in points) + sum(steps[:parallel])
+
+    lm_dtype_bytes = 2 if (spec.lm_dtype or ("bfloat16" if device == "cuda" else "float32")) != "float32" else 4
+    length = spec.eval.splice_length or spec.context_length
+    clean_logp = spec.eval.splice_contexts * (length - 1) * lm.vocab_size * 4
+    loss_chunk = 4 * min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
+    eval_acts = spec.eval_tokens * d * 4 * 3  # the eval set, its normalised copy and one reconstruction
+    widest = max(p["n_latents"] for p in points)
+    encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set
+    importance = spec.eval.importance_tokens * d * 4
+    weights = sum(4 * (2 * d * p["n_latents"]) for p in points)
+    evaluation = (base + lm.n_params * lm_dtype_bytes + clean_logp + loss_chunk + eval_acts + encode + importance
+                  + weights)
+    return MemoryEstimate(train=train, eval=evaluation)
+
+
+def memory_budget(spec: SweepSpec) -> int:
+    """Bytes one trial may use: resources.memory_gb, else this machine's available memory / max_concurrent."""
+    if spec.resources.memory_gb is not None:
+        return int(spec.resources.memory_gb * (1 << 30))
+    return available_memory() // spec.resources.max_concurrent
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, device: str = "cpu",
+               budget: int | None = None) -> list[list[dict[str, Any]]]:
+    """The grid's points in packs: one seed per pack, grid order kept, at most `resources.pack` points each, or
+    (`auto`) as many as fit the memory budget. A point that alone exceeds the budget still gets a trial."""
+    size = spec.resources.pack
+    limit = budget if budget is not None else memory_budget(spec)
+    packs: list[list[dict[str, Any]]] = []
+    for _, group in itertools.groupby(sorted(spec.trial_points(), key=lambda p: p["seed"]), key=lambda p: p["seed"]):
+        current: list[dict[str, Any]] = []
+        for point in group:
+            full = len(current) >= size if size != "auto" else (
+                bool(current) and trial_memory(spec, [*current, point], d=d, lm=lm, shard_rows=shard_rows,
+                                               device=device).peak > limit)
+            if full:
+                packs.append(current)
+                current = []
+            current.append(point)
+        packs.append(current)
+    return packs
+
+
+def describe_plan(spec: SweepSpec, packs: list[list[dict[str, Any]]], *, d: int, lm: ModelInfo, shard_rows: int,
+                  device: str = "cpu", budget: int | None = None) -> str:
+    """What the sweep prints before it starts: packs, points per pack and the memory estimate against the budget."""
+    peaks = [trial_memory(spec, p, d=d, lm=lm, shard_rows=shard_rows, device=device) for p in packs]
+    worst = max(peaks, key=lambda e: e.peak)
+    limit = budget if budget is not None else memory_budget(spec)
+    sizes = sorted({len(p) for p in packs})
+    return (f"{sum(map(len, packs))} grid points in {len(packs)} trial(s) of {'-'.join(map(str, sizes))} point(s) "
+            f"(resources.pack = {spec.resources.pack}); estimated peak memory per trial <= {worst.peak / MB:.0f} MB "
+            f"(training {worst.train / MB:.0f} MB, evaluation {worst.eval / MB:.0f} MB; budget {limit / MB:.0f} MB)")

@@ -1,0 +1,137 @@
+"""Packed grid points: the plan (one seed per pack, sizes, the memory budget) and a packed smoke sweep end to end
+(one run per point, the same numbers as unpacked, one point's NaN failing that point only)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
+from orchestrator.spec import SpecError, load_spec
+from orchestrator.sweep import run_sweep
+from orchestrator.tracking import ERROR_TAG, PARENT_TAG
+from orchestrator.trial import INJECT_NAN_ENV
+from sae.lm import ModelInfo
+
+LM = ModelInfo(name="x", revision="r", n_layers=4, d_model=64, model_type="llama", n_params=10_000_000,
+               vocab_size=1000)
+
+
+def spec_with(**resources):
+    return load_spec("smoke", {"grid": {"n_latents": [128, 256], "k": [8], "partition": [None, "doubling:2"],
+                                        "seed": [0, 1]},
+                               "resources": {"cpus": 2, "max_concurrent": 1, **resources}})
+
+
+def keys(packs):
+    return [[(p["n_latents"], p["partition"], p["seed"]) for p in pack] for pack in packs]
+
+
+def test_packs_never_mix_seeds_and_keep_grid_order():
+    spec = spec_with(pack=3)
+    packs = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1 << 40)
+    assert [len(p) for p in packs] == [3, 1, 3, 1]
+    assert all(len({p["seed"] for p in pack}) == 1 for pack in packs)
+    assert [p["trial_key"] for pack in packs for p in pack] == [
+        p["trial_key"] for p in sorted(spec.trial_points(), key=lambda p: p["seed"])]
+    one = plan_packs(spec_with(pack=1), d=64, lm=LM, shard_rows=512, budget=1 << 40)
+    assert [len(p) for p in one] == [1] * 8
+
+
+def test_auto_fills_each_trial_up_to_the_memory_budget():
+    spec = spec_with(pack="auto")
+    everything = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1 << 40)
+    assert [len(p) for p in everything] == [4, 4]
+    two = trial_memory(spec, everything[0][:2], d=64, lm=LM, shard_rows=512).peak
+    three = trial_memory(spec, everything[0][:3], d=64, lm=LM, shard_rows=512).peak
+    assert two < three  # each SAE adds its weights, moments and (up to `cpus` at once) its step temporaries
+    budget = (two + three) // 2
+    packs = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=budget)
+    assert len(packs[0]) == 2 and sum(map(len, packs)) == 8
+    seeds = [p["seed"] for p in spec.trial_points()]
+    for pack, following in zip(packs, packs[1:], strict=False):
+        assert len(pack) == 1 or trial_memory(spec, pack, d=64, lm=LM, shard_rows=512).peak <= budget
+        if following[0]["seed"] == pack[0]["seed"]:  # the next point of the seed did not fit
+            assert trial_memory(spec, [*pack, following[0]], d=64, lm=LM, shard_rows=512).peak > budget
+    assert seeds.count(0) == 4
+    alone = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1)  # nothing fits: one point per trial still runs
+    assert [len(p) for p in alone] == [1] * 8
+    text = describe_plan(spec, packs, d=64, lm=LM, shard_rows=512, budget=budget)
+    assert f"8 grid points in {len(packs)} trial(s)" in text and f"budget {budget / MB:.0f} MB" in text
+
+
+def test_memory_estimate_grows_with_the_dictionary_and_the_lm():
+    spec = spec_with()
+    small, big = spec.trial_points()[0], spec.trial_points()[4]
+    assert small["n_latents"] == 128 and big["n_latents"] == 256
+    a = trial_memory(spec, [small], d=64, lm=LM, shard_rows=512)
+    b = trial_memory(spec, [big], d=64, lm=LM, shard_rows=512)
+    assert b.train > a.train
+    bigger_lm = ModelInfo(**{**LM.__dict__, "n_params": 2 * LM.n_params})
+    assert trial_memory(spec, [small], d=64, lm=bigger_lm, shard_rows=512).eval - a.eval == 4 * LM.n_params
+
+
+def test_pack_setting_is_validated():
+    for bad in (0, -1, "all", True):
+        with pytest.raises(SpecError, match="pack"):
+            spec_with(pack=bad)
+    with pytest.raises(SpecError, match="memory_gb"):
+        spec_with(pack="auto", gpus=1)
+    assert spec_with(pack="auto", gpus=1, memory_gb=40).resources.memory_gb == 40
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packing_home")
+    yield path
+    ray.shutdown()
+
+
+def _finals(uri: str, experiment: str, parent: str) -> dict[str, object]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    return {r.data.tags["sae_frontier.point_key"]: r for r in runs}
+
+
+@pytest.mark.slow
+def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(home):
+    over = {"storage": str(home / "shards"), "results_path": str(home / "results"),
+            "tracking_uri": f"sqlite:///{home}/mlflow.db"}
+    unpacked = load_spec("smoke", {**over, "experiment": "unpacked"})
+    packed = load_spec("smoke", {**over, "experiment": "packed",
+                                 "resources": {"cpus": 2, "max_concurrent": 1, "pack": 4}})
+    poisoned = next(p for p in packed.trial_points() if p["n_latents"] == 256 and p["partition"] == "none")
+    base = run_sweep(unpacked)
+    ray.shutdown()  # Ray's workers inherit the environment of the Ray that starts next
+    os.environ[INJECT_NAN_ENV] = poisoned["trial_key"]
+    try:
+        with pytest.raises(RuntimeError, match="1 grid point"):
+            run_sweep(packed)
+    finally:
+        ray.shutdown()
+        del os.environ[INJECT_NAN_ENV]
+    uri = packed.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("packed").experiment_id],
+                                "tags.`sae_frontier.kind` = 'sweep'")[0]
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_failed"] == 1
+    runs = _finals(uri, "packed", parent.info.run_id)
+    assert set(runs) == {p["trial_key"] for p in packed.trial_points()}
+    bad = runs.pop(poisoned["trial_key"])
+    assert bad.info.status == "FAILED" and "loss is" in bad.data.tags[ERROR_TAG]
+    reference = _finals(uri, "unpacked", base.parent_run_id)
+    for key, run in runs.items():
+        m = run.data.metrics
+        assert run.info.status == "FINISHED" and m["pack_size"] == 4
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) > 1  # each point its own curve
+        assert 0 < m["peak_memory_mb"] and 0 < m["estimated_memory_mb"]
+        assert m["train_seconds"] == pytest.approx(m["pack_train_seconds"] / 4)
+        assert client.get_metric_history(run.info.run_id, "fvu/prefix.masked" if "doubling" in run.data.params[
+            "partition"] else "fvu/prune_ez2.masked")
+        ref = reference[key].data.metrics
+        for metric in ("fvu", "l0", "train_final/fvu"):  # packing changes where SAEs train, not what they learn
+            assert m[metric] == pytest.approx(ref[metric], rel=1e-4, abs=1e-6), (key, metric)
