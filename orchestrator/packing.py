@@ -21,11 +21,12 @@ from typing import Any
 from orchestrator.spec import SweepSpec
 from sae.lm import ModelInfo
 from sae.splice import LOSS_CHUNK_ELEMS
+from sae.train import AUXK_DENSE_MIN_DENSITY
 
 MB = 1 << 20
-# A trial process with torch, transformers, pyarrow and a Ray worker loaded, before any tensor (measured on the
-# 2-core dev box: ru_maxrss of a worker that imported everything and built nothing).
-PROCESS_BYTES_CPU = 900 * MB
+# A trial process with torch, transformers, pyarrow and a Ray worker loaded, before any big tensor (measured on
+# the 2-core dev box: peak_memory_train_mb of the smoke spec's trials, whose SAEs and shards are tiny: 581-640 MB).
+PROCESS_BYTES_CPU = 600 * MB
 PROCESS_BYTES_CUDA = 600 * MB  # the CUDA context and cuBLAS workspaces, counted against the GPU
 BUFFER_SHARDS = 4  # orchestrator.shards.iter_batches keeps this many shards in its shuffle buffer
 
@@ -47,11 +48,13 @@ def sae_state_bytes(d: int, n: int) -> int:
     return 16 * (2 * d * n + n + d)
 
 
-def sae_step_bytes(d: int, n: int, batch: int, groups: int, compute_dtype: str) -> int:
+def sae_step_bytes(d: int, n: int, batch: int, groups: int, compute_dtype: str, aux_k: int) -> int:
     """The step's temporaries: pre-activations [B, n] (and their low-precision copy), the input and its
-    centred and normalised copies [B, d], and per group a partial reconstruction and its gradient [B, d]."""
-    low = 2 if compute_dtype != "float32" else 0
-    return batch * ((4 + low) * n + 4 * (3 + 2 * groups) * d)
+    centred and normalised copies [B, d], per group a partial reconstruction and its gradient [B, d], and once
+    latents die, AuxK's dense path over up to aux_k / AUXK_DENSE_MIN_DENSITY dead columns (three [B, dead])."""
+    low = 0 if compute_dtype == "float32" else 2  # "auto" may resolve to bf16: count its copy
+    dead = min(n, int(aux_k / AUXK_DENSE_MIN_DENSITY))
+    return batch * ((4 + low) * n + 4 * (3 + 2 * groups) * d + 3 * 4 * dead)
 
 
 def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: ModelInfo, shard_rows: int,
@@ -61,22 +64,25 @@ def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: M
     base = PROCESS_BYTES_CUDA if device == "cuda" else PROCESS_BYTES_CPU
     batch = spec.train.batch_size
     steps = sorted((sae_step_bytes(d, p["n_latents"], batch, len(p["boundaries"] or [p["n_latents"]]),
-                                   spec.train.compute_dtype) for p in points), reverse=True)
+                                   spec.train.compute_dtype,
+                                   spec.train_config(p, device).aux_k_for(d, p["n_latents"])) for p in points),
+                   reverse=True)
     parallel = max(1, min(len(points), int(spec.resources.cpus)))
     shards = 0 if device == "cuda" else BUFFER_SHARDS * shard_rows * d * (act_bytes + 4)
     train = base + shards + sum(sae_state_bytes(d, p["n_latents"]) for p in points) + sum(steps[:parallel])
 
     lm_dtype_bytes = 2 if (spec.lm_dtype or ("bfloat16" if device == "cuda" else "float32")) != "float32" else 4
+    # loading holds the checkpoint's tensors and the model's at once (measured: +1.13 GB for SmolLM2's 0.54 GB)
+    lm_bytes = lm.n_params * lm_dtype_bytes * (1 if device == "cuda" else 2)
     length = spec.eval.splice_length or spec.context_length
     clean_logp = spec.eval.splice_contexts * (length - 1) * lm.vocab_size * 4
-    loss_chunk = 4 * min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
+    loss_chunk = 2 * min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
     eval_acts = spec.eval_tokens * d * 4 * 3  # the eval set, its normalised copy and one reconstruction
     widest = max(p["n_latents"] for p in points)
     encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set
     importance = spec.eval.importance_tokens * d * 4
     weights = sum(4 * (2 * d * p["n_latents"]) for p in points)
-    evaluation = (base + lm.n_params * lm_dtype_bytes + clean_logp + loss_chunk + eval_acts + encode + importance
-                  + weights)
+    evaluation = base + lm_bytes + clean_logp + loss_chunk + eval_acts + encode + importance + weights
     return MemoryEstimate(train=train, eval=evaluation)
 
 

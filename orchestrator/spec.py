@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae.config import AuxLoss, SAEConfig, TrainConfig
+from sae.config import AuxLoss, ComputeDType, SAEConfig, TrainConfig
 from sae.evaluate import PRIMARY_RULE, EvalOptions
 from sae.matryoshka import partition_label, resolve_partition
 from sae.prune import RULES
@@ -82,7 +82,7 @@ class TrainSpec(_Strict):
     aux_coef: float = 1.0 / 32.0
     aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
     dead_tokens: int = Field(1_000_000, ge=1)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: ComputeDType = "auto"  # bf16 encoder matmuls where native (sae.train.native_bf16); fp32 elsewhere
     report_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import resource
 import shutil
@@ -177,14 +178,20 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
     start, start_tokens = trainer.step, trainer.tokens_seen
     last: list[dict[str, float]] = [{} for _ in points]
     if not trainer.finished:
+        every = math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps)
+        pending: list[dict] = []
         for batch in itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None):
-            metrics = [{k: float(v) for k, v in m.items()} for m in trainer.train_step(batch)]
+            report = (trainer.step + 1) % every == 0
+            pending = trainer.train_step(batch, sync=report)  # unreported steps stay on the device: no host sync
             if trainer.step == 1:
                 _inject_faults(trainer, keys)
-            last = [m or old for m, old in zip(metrics, last, strict=True)]
-            _report_train(trainer, metrics, keys, spec, work)
+            if report:
+                last = [m or old for m, old in zip(pending, last, strict=True)]
+                _report_train(trainer, pending, keys, spec, work)
             if trainer.finished:
                 break
+        trainer.check_finite()
+        last = [{k: float(v) for k, v in m.items()} or old for m, old in zip(pending, last, strict=True)]
     train_seconds = time.perf_counter() - t0
     tokens_per_second = (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9)
     for i, why in trainer.failures.items():
@@ -192,7 +199,8 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
     torch.save(trainer.state_dict(), work / TRAINER_STATE)  # a restart after this point never retrains
     peak_train_mb = peak_memory_mb(device)
     todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]
-    saes = trainer.release()  # the optimiser moments are not needed for evaluation
+    compute_dtypes = trainer.compute_dtypes
+    saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
 
     t1 = time.perf_counter()
     if todo:
@@ -219,7 +227,8 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
                           "ce_zero": scorer.ce_zero, "splice_contexts": float(contexts.shape[0]),
                           "splice_tokens": float(contexts.numel()), "peak_memory_mb": peak_memory_mb(device),
                           **{f"train_final/{k}": v for k, v in last[i].items()}})
-            _write_bundle(point_dir(work, point), saes[i], point, spec, report, final, device)
+            _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
+                          {"device": device, "compute_dtype": compute_dtypes[i]})
         tune.report({"phase": "evaluated", "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
 
@@ -248,7 +257,7 @@ def _evaluate_point(sae, point: dict[str, Any], spec: SweepSpec, data: EvalData,
 
 
 def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report, final: dict[str, float],
-                  device: str) -> None:
+                  resolved: dict[str, str]) -> None:
     """The point's result bundle, written under a temporary name and renamed into place."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -263,8 +272,8 @@ def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report
                                 ).savefig(tmp / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
     result = {
         "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
-        "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, "device": device,
-                     "lr": spec.train_config(point, device).learning_rate(point["n_latents"])},
+        "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, **resolved,
+                     "lr": spec.train_config(point, resolved["device"]).learning_rate(point["n_latents"])},
     }
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1))
     tmp.rename(out)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 Architecture = Literal["topk", "batchtopk"]
 DType = Literal["float32", "bfloat16", "float16"]
 AuxLoss = Literal["mse", "normalized"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]  # auto: bf16 where matmuls run it natively
 
 
 class SAEConfig(BaseModel):
@@ -85,6 +86,8 @@ class TrainConfig(BaseModel):
 
     `lr=None` means 2e-4 / sqrt(n_latents / 2**14). The schedule is linear warm-up over `warmup_steps`, then
     constant, then linear decay to zero over the last `decay_fraction` of `total_tokens` (no decay if unknown).
+    `compute_dtype` is the encoder matmul's dtype (weights stay fp32); "auto" picks bfloat16 where the device
+    runs bf16 matmuls natively (sae.train.native_bf16) and float32 elsewhere.
     AuxK reconstructs the main residual r = x - x_hat from the top `aux_k` latents among those that have not fired
     for `dead_tokens` tokens (e_hat), and adds `aux_coef` times one of (`aux_loss`):
       "mse"        aux = mean((e_hat - r)^2)                             (Bussmann et al.: plain per-element MSE)
@@ -109,7 +112,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
     dtype: DType = "float32"
-    compute_dtype: DType = "float32"
+    compute_dtype: ComputeDType = "float32"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

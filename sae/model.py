@@ -228,15 +228,13 @@ class SparseAutoencoder(torch.nn.Module):
 
     @torch.no_grad()
     def update_threshold(self, values: Tensor, momentum: float) -> None:
-        """EMA of the smallest kept activation (BatchTopK inference rule); the first update sets it directly."""
-        pos = values[values > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min().float()
-        if self.threshold <= 0:
-            self.threshold.copy_(m)
-        else:
-            self.threshold.mul_(momentum).add_((1 - momentum) * m)
+        """EMA of the smallest kept activation (BatchTopK inference rule); the first update sets it directly.
+
+        Computed on the device without a host branch (no sync): a batch with no positive value leaves it as is.
+        """
+        m = torch.where(values > 0, values, torch.inf).min().float()
+        ema = torch.where(self.threshold <= 0, m, self.threshold * momentum + (1 - momentum) * m)
+        self.threshold.copy_(torch.where(torch.isfinite(m), ema, self.threshold))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Raw x [B, d] -> (values [B, k'], indices [B, k'] long); a zero value means "not firing"."""

@@ -23,6 +23,7 @@ from sae.config import SAEConfig, TrainConfig
 from sae.matryoshka import matryoshka_loss
 from sae.model import DenseAuxDecode, SparseAutoencoder, SparseEncoderGrad, sparse_decode, torch_dtype
 
+FINITE_CHECK_EVERY_GPU = 50  # steps between host reads of the finiteness flags on an accelerator
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  # + prefix_fvu/<m> for Matryoshka
 # AuxK goes dense over the dead columns once aux_k / n_dead reaches this. Measured on the 2-core dev box (d=576,
 # n=4608, B=4096, aux_k=288, forward+backward): the sparse kernels (embedding bag, COO matmuls) reach ~1/10 of a
@@ -30,6 +31,7 @@ METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  
 # at 0.06 ~1.2x. Re-measure on other hardware (a GPU's crossover differs).
 AUXK_DENSE_MIN_DENSITY = 0.1
 _ALLOCATOR_TUNED = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 
 
 def retain_freed_cpu_memory() -> bool:
@@ -47,9 +49,24 @@ def retain_freed_cpu_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    _ALLOCATOR_TUNED = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _ALLOCATOR_TUNED
+
+
+def restore_cpu_allocator() -> None:
+    """Undo `retain_freed_cpu_memory` and hand the retained heap back to the OS (glibc malloc_trim).
+
+    For what runs after training in the same process (evaluation): its large buffers differ in size from the
+    step's, so a heap that never trims fragments and its resident memory grows past what is in use.
+    """
+    global _ALLOCATOR_TUNED
+    if not _ALLOCATOR_TUNED:
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's defaults
+    libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    libc.malloc_trim(0)
+    _ALLOCATOR_TUNED = False
 
 
 class _Member:
@@ -64,8 +81,10 @@ class _Member:
         self.train_cfg = train_cfg
         self.device = torch.device(train_cfg.device)
         self.sae = SparseAutoencoder.from_config(sae_cfg, seed=train_cfg.seed).to(self.device)
-        cd = torch_dtype(train_cfg.compute_dtype)
+        self.compute_dtype = resolve_compute_dtype(train_cfg.compute_dtype, self.device)
+        cd = torch_dtype(self.compute_dtype)
         self.sae.compute_dtype = None if cd == torch.float32 else cd
+        self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.device)  # first bad step (deferred)
         self.base_lr = train_cfg.learning_rate(sae_cfg.n_latents)
         self.aux_k = train_cfg.aux_k_for(sae_cfg.d_in, sae_cfg.n_latents)
         kw = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
@@ -124,14 +143,21 @@ class Trainer:
     that way keep N cores as busy as N one-thread processes would, while the batches are read once. With
     `isolate_failures`, a member whose loss turns non-finite stops (its error is in `failures`) and the others
     go on; by default it raises. A non-finite *batch* always raises: it is every member's input.
+    `finite_check_every`: how often the host reads the finiteness checks of batch and loss. Each check is a
+    device-side flag updated every step; reading it is a host sync, free on a CPU (default there: every step)
+    and a pipeline stall on a GPU (default there: every FINITE_CHECK_EVERY_GPU steps, and on every
+    `train_step`, which syncs for its float metrics anyway). A failure read late names the step it happened at.
     """
 
     def __init__(self, members: Sequence[tuple[SAEConfig, TrainConfig]], *, parallel: int = 1,
-                 isolate_failures: bool = False):
+                 isolate_failures: bool = False, finite_check_every: int | None = None):
         if len(members) == 0:
             raise ValueError("members must hold at least one (SAEConfig, TrainConfig) pair")
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1 (members stepped at once), got {parallel}")
+        if finite_check_every is not None and finite_check_every < 1:
+            raise ValueError(f"finite_check_every must be >= 1 step (or None for the device's default), "
+                             f"got {finite_check_every}")
         d = {m[0].d_in for m in members}
         if len(d) != 1:
             raise ValueError(f"members: all SAEs read the same batches, so d_in must agree, got {sorted(d)}")
@@ -146,6 +172,9 @@ class Trainer:
         self.failures: dict[int, str] = {}  # member index -> why it stopped (isolate_failures only)
         self.parallel = min(parallel, len(self._members))
         self._pool: ThreadPoolExecutor | None = None
+        on_cpu = all(m.device.type == "cpu" for m in self._members)
+        self.finite_check_every = finite_check_every or (1 if on_cpu else FINITE_CHECK_EVERY_GPU)
+        self._bad_batch_at: Tensor | None = None  # first step whose batch held NaN/Inf (deferred checks)
 
     @property
     def saes(self) -> list[SparseAutoencoder]:
@@ -157,12 +186,22 @@ class Trainer:
         return all(i in self.failures or m.finished(self.tokens_seen) for i, m in enumerate(self._members))
 
     def release(self) -> list[SparseAutoencoder]:
-        """The SAEs in eval mode, freeing the optimiser moments, counters and threads: a trainer that is done
-        training hands back only what evaluation needs (it cannot step or save its state afterwards)."""
+        """The SAEs in eval mode with fp32 compute (scores never depend on the training's compute dtype), freeing
+        the optimiser moments, counters and threads: a trainer that is done training hands back only what
+        evaluation needs (it cannot step or save its state afterwards)."""
+        self.check_finite()
         self.close()
         saes = [m.sae.eval() for m in self._members]
+        for sae in saes:
+            sae.compute_dtype = None
         self._members = []
+        restore_cpu_allocator()
         return saes
+
+    @property
+    def compute_dtypes(self) -> list[str]:
+        """Each member's encoder compute dtype, "auto" resolved (what a run records)."""
+        return [m.compute_dtype for m in self._members]
 
     def close(self) -> None:
         """Stop the member threads (a no-op when parallel == 1)."""
@@ -177,11 +216,14 @@ class Trainer:
             raise ValueError(f"batch must be a tensor of shape [batch, d_in={self.d_in}], got {shape}")
         if batch.shape[0] == 0:
             raise ValueError("batch is empty")
-        if not torch.isfinite(batch).all():
-            raise FloatingPointError(
-                f"step {self.step}: input batch contains NaN or Inf (fed to all {len(self._members)} SAEs); "
-                "fix the activation source (e.g. harvest in float32) before training"
-            )
+        if self.finite_check_every == 1:
+            if not torch.isfinite(batch).all():
+                raise _bad_batch_error(self.step, len(self._members))
+            return
+        bad = ~torch.isfinite(batch).all()
+        if self._bad_batch_at is None:
+            self._bad_batch_at = torch.full((), -1, dtype=torch.long, device=batch.device)
+        self._bad_batch_at = torch.where(bad & (self._bad_batch_at < 0), self.step, self._bad_batch_at)
 
     @torch.no_grad()
     def _initialise(self, batch: Tensor) -> None:
@@ -217,11 +259,12 @@ class Trainer:
         if dead_idx is not None:
             aux = auxk_loss(sae, m.aux_k, dead_idx, pre, xc, x_n - recon.detach(), normalized=tc.aux_loss == "normalized")
             loss = main + tc.aux_coef * aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"step {self.step}: loss is {float(loss.detach())} for SAE {i} (n_latents={cfg.n_latents}, k={cfg.k}); "
-                "lower TrainConfig.lr or check the inputs"
-            )
+        if self.finite_check_every == 1:
+            if not torch.isfinite(loss):
+                raise _bad_loss_error(self.step, float(loss.detach()), i, cfg)
+        else:
+            bad = ~torch.isfinite(loss.detach())
+            m.nonfinite_at = torch.where(bad & (m.nonfinite_at < 0), self.step, m.nonfinite_at)
         m.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad()
@@ -272,17 +315,36 @@ class Trainer:
             results = [(i, _outcome(lambda i=i, m=m: self._member_step(i, m, on_device[m.device]))) for i, m in active]
         for i, res in results:
             if isinstance(res, FloatingPointError):
-                if not self.isolate_failures:
-                    raise res
-                self.failures[i] = str(res)
+                self._fail(i, res)
             else:
                 out[i] = res
         self.step += 1
         self.tokens_seen += batch.shape[0]
+        if self.finite_check_every > 1 and self.step % self.finite_check_every == 0:
+            self.check_finite()
         return out
 
-    def train_step(self, batch: Tensor) -> list[dict[str, float]]:
+    def _fail(self, i: int, err: FloatingPointError) -> None:
+        if not self.isolate_failures:
+            raise err
+        self.failures[i] = str(err)
+
+    def check_finite(self) -> None:
+        """Read the deferred finiteness flags (one host sync); raise, or with isolate_failures stop the members
+        whose loss went non-finite. A no-op when every step is checked at once (finite_check_every = 1)."""
+        if self.finite_check_every == 1:
+            return
+        if self._bad_batch_at is not None and (at := int(self._bad_batch_at)) >= 0:
+            raise _bad_batch_error(at, len(self._members))
+        for i, m in enumerate(self._members):
+            if i not in self.failures and (at := int(m.nonfinite_at)) >= 0:
+                self._fail(i, _bad_loss_error(at, float("nan"), i, m.sae.cfg, late=self.step))
+
+    def train_step(self, batch: Tensor, *, sync: bool = True) -> list[dict[str, float]] | list[dict[str, Tensor]]:
         """One optimiser step for every SAE on `batch` [B, d]; metrics per SAE ({} for a finished SAE).
+
+        sync=False returns the metrics as device tensors and skips the finiteness read: no host sync, for the
+        steps a loop does not report (call with sync=True, or `check_finite`, at report time).
 
         loss = main + aux_coef * aux_loss; mse is per element in the normalised space (mean input norm
         sqrt(d_in)); fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (scale-free); l0 counts
@@ -292,7 +354,10 @@ class Trainer:
         out = self._step_tensors(batch)
         if out is None:
             return [{} for _ in self._members]
-        return [{k: float(v) for k, v in d.items()} for d in out]
+        if not sync:
+            return [d if i not in self.failures else {} for i, d in enumerate(out)]
+        self.check_finite()  # the float metrics below sync anyway
+        return [{k: float(v) for k, v in d.items()} if i not in self.failures else {} for i, d in enumerate(out)]
 
     # ----- loop ---------------------------------------------------------------------------------------------
     def fit(self, batches: Iterable[Tensor], *, max_tokens: int | None = None,
@@ -315,12 +380,14 @@ class Trainer:
             if callback is not None and self.step % log_every == 0:
                 callback(self.tokens_seen, [{k: float(v) for k, v in d.items()} for d in out])
                 logged = True
+        self.check_finite()
         if callback is not None and last is not None and not logged:
             callback(self.tokens_seen, [{k: float(v) for k, v in d.items()} for d in last])
         return self.saes
 
     # ----- resumable state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.check_finite()  # never checkpoint weights a late-read NaN has already spoilt without saying so
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "initialised": self.initialised,
             "failures": dict(self.failures),
@@ -347,6 +414,40 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.initialised = bool(state["initialised"])
         self.failures = {int(i): str(why) for i, why in state.get("failures", {}).items()}
+
+
+def _bad_batch_error(step: int, n_members: int) -> FloatingPointError:
+    return FloatingPointError(f"step {step}: input batch contains NaN or Inf (fed to all {n_members} SAEs); fix the "
+                              "activation source (e.g. harvest in float32) before training")
+
+
+def _bad_loss_error(step: int, loss: float, i: int, cfg: SAEConfig, late: int | None = None) -> FloatingPointError:
+    seen = f" (found at step {late}: finiteness is read every few steps on this device)" if late is not None else ""
+    return FloatingPointError(f"step {step}: loss is {loss} for SAE {i} (n_latents={cfg.n_latents}, k={cfg.k}){seen}; "
+                              "lower TrainConfig.lr or check the inputs")
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively: a CUDA GPU with bf16 (Ampere and later), or a CPU with
+    AVX512-BF16 or AMX-BF16 (x86) / BF16 (Arm) instructions, read from /proc/cpuinfo (Linux)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_compute_dtype(requested: str, device: str | torch.device) -> str:
+    """TrainConfig.compute_dtype with "auto" decided for `device`: bfloat16 where native, else float32."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:

@@ -9,8 +9,16 @@ import torch
 from synthetic import batches, best_cosines, make_planted, single_thread
 
 from sae.config import SAEConfig, TrainConfig
-from sae.model import geometric_median
-from sae.train import AUXK_DENSE_MIN_DENSITY, METRIC_NAMES, Trainer, auxk_loss, train_sae
+from sae.model import SparseAutoencoder, geometric_median
+from sae.train import (
+    AUXK_DENSE_MIN_DENSITY,
+    METRIC_NAMES,
+    Trainer,
+    auxk_loss,
+    native_bf16,
+    resolve_compute_dtype,
+    train_sae,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -239,6 +247,57 @@ def test_bfloat16_compute_matches_float32(planted):
         assert sae.W_enc.dtype == torch.float32  # fp32 master weights
         fvus.append(_fvu(copy.deepcopy(sae), planted.x[:2048]))
     assert abs(fvus[1] - fvus[0]) < 0.05 * fvus[0] + 0.01, fvus
+
+
+def test_deferred_finiteness_checks_name_the_step_it_happened_at(planted):
+    members = [(SAEConfig(d_in=32, n_latents=64, k=4), TC), (SAEConfig(d_in=32, n_latents=96, k=4), TC)]
+    trainer = Trainer(members, isolate_failures=True, finite_check_every=4)  # as on a GPU, here on the CPU
+    trainer.train_step(planted.x[:64], sync=False)
+    with torch.no_grad():
+        trainer.saes[1].W_dec[:, 0] = float("inf")
+    trainer.train_step(planted.x[64:128], sync=False)  # step 1 goes bad: nothing is read yet
+    trainer.train_step(planted.x[128:192], sync=False)
+    assert trainer.failures == {}
+    metrics = trainer.train_step(planted.x[192:256], sync=False)  # step 4: the flags are read
+    assert isinstance(metrics[0]["fvu"], torch.Tensor)
+    assert list(trainer.failures) == [1] and "step 1:" in trainer.failures[1] and "found at step 4" in trainer.failures[1]
+    strict = Trainer(members[:1], finite_check_every=8)
+    bad = planted.x[:64].clone()
+    bad[0, 0] = float("nan")
+    strict.train_step(planted.x[:64], sync=False)
+    strict.train_step(bad, sync=False)
+    with pytest.raises(FloatingPointError, match="step 1: input batch"):  # read at the next synced step
+        strict.train_step(planted.x[:64])
+    with pytest.raises(ValueError, match="finite_check_every"):
+        Trainer(members, finite_check_every=0)
+
+
+def test_auto_compute_dtype_follows_the_hardware_and_scoring_is_fp32(planted, monkeypatch):
+    import sae.train as train_module
+
+    assert resolve_compute_dtype("float32", "cpu") == "float32" and resolve_compute_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_compute_dtype("auto", "cpu") == ("bfloat16" if native_bf16("cpu") else "float32")
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
+        trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), TC.model_copy(update={"compute_dtype": "auto"}))])
+        assert trainer.compute_dtypes == [want]
+        assert trainer.saes[0].compute_dtype == (torch.bfloat16 if native else None)
+        trainer.train_step(planted.x[:64])
+        (sae,) = trainer.release()
+        assert sae.compute_dtype is None and not sae.training  # evaluation encodes in fp32
+        assert not train_module._ALLOCATOR_TUNED  # evaluation runs on glibc's own heap settings again
+
+
+def test_batchtopk_threshold_update_needs_no_host_branch():
+    sae = SparseAutoencoder.from_config(SAEConfig(d_in=8, n_latents=16, k=2, architecture="batchtopk"), seed=0)
+    sae.update_threshold(torch.zeros(4, 2), 0.9)  # nothing positive: unchanged
+    assert sae.threshold.item() == 0.0
+    sae.update_threshold(torch.tensor([[0.5, 0.0], [2.0, 0.25]]), 0.9)  # the first update sets it
+    assert sae.threshold.item() == 0.25
+    sae.update_threshold(torch.tensor([[1.25, 0.0]]), 0.9)
+    assert sae.threshold.item() == pytest.approx(0.9 * 0.25 + 0.1 * 1.25)
+    sae.update_threshold(torch.zeros(1, 2), 0.9)
+    assert sae.threshold.item() == pytest.approx(0.35)
 
 
 def test_invalid_members():
