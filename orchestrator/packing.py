@@ -76,7 +76,10 @@ def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: M
     lm_bytes = lm.n_params * lm_dtype_bytes * (1 if device == "cuda" else 2)
     length = spec.eval.splice_length or spec.context_length
     clean_logp = spec.eval.splice_contexts * (length - 1) * lm.vocab_size * 4
-    loss_chunk = 2 * min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
+    # one [tokens, vocab] fp32 logits chunk of the spliced losses. Against peaks measured on the dev box
+    # (benchmarks/sweep_cost.py, default spec: 2.30-2.34 GB per one-point trial, 2.41 GB for the 4-point pack)
+    # this estimate is 1.12-1.16x (2.58-2.73 GB): on the safe side, within 20%
+    loss_chunk = min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
     eval_acts = spec.eval_tokens * d * 4 * 3  # the eval set, its normalised copy and one reconstruction
     widest = max(p["n_latents"] for p in points)
     encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set

@@ -54,10 +54,13 @@ def retain_freed_cpu_memory() -> bool:
 
 
 def restore_cpu_allocator() -> None:
-    """Undo `retain_freed_cpu_memory` and hand the retained heap back to the OS (glibc malloc_trim).
+    """Undo `retain_freed_cpu_memory` and hand the freed heap back to the OS (glibc malloc_trim).
 
-    For what runs after training in the same process (evaluation): its large buffers differ in size from the
-    step's, so a heap that never trims fragments and its resident memory grows past what is in use.
+    For what runs after training in the same process (evaluation). Its buffers differ in size from the step's,
+    and on a heap that still holds the training's freed blocks and never trims they fragment it: measured on
+    the dev box (n=2048, 250 steps, then one SAE's evaluation), a peak of 5.6 GB with the tuned heap, even
+    after a malloc_trim, against 2.3-2.4 GB with glibc's defaults restored. The cost: evaluation page-faults its
+    big temporaries in anew (41 s against 31 s for that SAE when the heap is tuned from the start).
     """
     global _ALLOCATOR_TUNED
     if not _ALLOCATOR_TUNED:
