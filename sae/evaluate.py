@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
 from sae.interp import encode_all, firing_frequency, group_latents, proxy_report, token_concentration
-from sae.metrics import ReconstructionAccumulator, linear_cka_from_grams, rsa
+from sae.metrics import ReconstructionAccumulator, batch_moments, linear_cka_from_grams, rsa
 from sae.prune import RULES, order_latents, reduced_code
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
@@ -229,13 +229,14 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     for x in data.batches():
         x = x.to(device).float()
         pre, vals, idx = _encode_full(sae, x)
-        x64 = x.double()  # uncentred sums cancel when centred later: accumulate them in float64
+        moments = batch_moments(x)  # x's side of every reconstruction metric, once per batch
+        x64 = moments.x64  # uncentred sums cancel when centred later: accumulate them in float64
         gram_x += x64.T @ x64
         sum_x += x64.sum(0)
         for r in items:
             v, i = _code(sae, r, pre, vals, idx)
             x_hat = sae.decode(v, i).float()
-            r.acc.update(x, x_hat, v)
+            r.acc.update(x, x_hat, v, moments=moments)
             r.fired[i[v > 0]] = True
             if r.grams is not None:
                 xh64 = x_hat.double()

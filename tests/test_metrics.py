@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sae.metrics import ReconstructionAccumulator, dead_fraction, fvu, l0, linear_cka, mse, rsa
+from sae.metrics import ReconstructionAccumulator, batch_moments, dead_fraction, fvu, l0, linear_cka, mse, rsa
 
 
 def _data(n=300, d=16, seed=0):
@@ -41,9 +41,15 @@ def test_accumulator_equals_one_shot():
     assert r["mse"] == pytest.approx(mse(x, x_hat), rel=1e-10)
     assert r["l0"] == pytest.approx(l0(values), rel=1e-12)
     assert r["tokens"] == 257
+    shared = ReconstructionAccumulator()  # x's moments computed once and shared: the same numbers
+    for s in range(0, 257, 50):
+        shared.update(x[s : s + 50], x_hat[s : s + 50], values[s : s + 50], moments=batch_moments(x[s : s + 50]))
+    assert shared.result() == r
     acc2 = ReconstructionAccumulator()
     acc2.update(x, x_hat)
     assert math.isnan(acc2.result()["l0"])
+    with pytest.raises(ValueError, match="same shape"):
+        acc2.update(x, x_hat[:, :-1])
     with pytest.raises(ValueError, match="empty"):
         ReconstructionAccumulator().result()
 
