@@ -66,3 +66,5 @@ ui: venv
 bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/harvest_throughput.py
+	$(PY) benchmarks/train_quality.py      # needs the default spec's shards (make frontier)
+	$(PY) benchmarks/sweep_cost.py         # two default sweeps: eval_to_train, packed_speedup, memory

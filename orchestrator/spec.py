@@ -81,6 +81,7 @@ class TrainSpec(_Strict):
     aux_k: int | None = None
     aux_coef: float = 1.0 / 32.0
     aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
+    encoder_init_norm: float = TrainConfig.model_fields["encoder_init_norm"].default  # see sae.config.TrainConfig
     dead_tokens: int = Field(1_000_000, ge=1)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
     compute_dtype: ComputeDType = "auto"  # bf16 encoder matmuls where native (sae.train.native_bf16); fp32 elsewhere
     report_every_steps: int = Field(10, ge=1)
@@ -262,6 +263,7 @@ class SweepSpec(_Strict):
             lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
             total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef, aux_loss=t.aux_loss,
             dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
+            encoder_init_norm=t.encoder_init_norm,
         )
 
 

@@ -84,6 +84,8 @@ class _Member:
         self.train_cfg = train_cfg
         self.device = torch.device(train_cfg.device)
         self.sae = SparseAutoencoder.from_config(sae_cfg, seed=train_cfg.seed).to(self.device)
+        with torch.no_grad():
+            self.sae.W_enc.mul_(train_cfg.encoder_init_norm)
         self.compute_dtype = resolve_compute_dtype(train_cfg.compute_dtype, self.device)
         cd = torch_dtype(self.compute_dtype)
         self.sae.compute_dtype = None if cd == torch.float32 else cd

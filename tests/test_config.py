@@ -36,7 +36,8 @@ def test_invalid_sae_config_names_field(kwargs, field):
     [
         ({"lr": -1.0}, "lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
-        ({"decay_fraction": 1.0}, "decay_fraction"),
+        ({"decay_fraction": 1.5}, "decay_fraction"),
+        ({"encoder_init_norm": 0.0}, "encoder_init_norm"),
         ({"aux_k": 0}, "aux_k"),
         ({"dead_tokens": 0}, "dead_tokens"),
         ({"threshold_momentum": 1.0}, "threshold_momentum"),

@@ -300,6 +300,14 @@ def test_batchtopk_threshold_update_needs_no_host_branch():
     assert sae.threshold.item() == pytest.approx(0.35)
 
 
+def test_encoder_starts_as_a_scaled_copy_of_the_decoder():
+    for norm in (0.3, 1.0):
+        trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), TC.model_copy(update={"encoder_init_norm": norm}))])
+        sae = trainer.saes[0]
+        assert torch.allclose(sae.W_enc.norm(dim=0), torch.full((64,), norm), atol=1e-5)
+        assert torch.allclose(sae.W_enc.t() / norm, sae.W_dec, atol=1e-6)
+
+
 def test_invalid_members():
     with pytest.raises(ValueError, match="members"):
         Trainer([])
