@@ -42,10 +42,12 @@ from sae.train import Trainer
 
 TRAINER_STATE = "trainer.pt"
 POINTS_DIR = "points"
+TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
 RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrator.tracking
 ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
 MB = 1 << 20
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
+INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
 
 
 def pick_device(requested: str) -> str:
@@ -176,8 +178,10 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
                         device: str, train_store: str, eval_store: str, work: Path, estimated_mb: float) -> None:
     t0 = time.perf_counter()
     start, start_tokens = trainer.step, trainer.tokens_seen
-    last: list[dict[str, float]] = [{} for _ in points]
-    if not trainer.finished:
+    saved = json.loads((work / TRAIN_FINAL).read_text()) if (work / TRAIN_FINAL).exists() else {}
+    last: list[dict[str, float]] = [saved.get("points", {}).get(key, {}) for key in keys]  # kept across restarts
+    trained_here = not trainer.finished
+    if trained_here:
         every = math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps)
         pending: list[dict] = []
         for batch in itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None):
@@ -193,11 +197,16 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
         trainer.check_finite()
         last = [{k: float(v) for k, v in m.items()} or old for m, old in zip(pending, last, strict=True)]
     train_seconds = time.perf_counter() - t0
-    tokens_per_second = (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9)
+    training = {"pack_train_seconds": train_seconds,  # of the process that finished the training
+                "train_tokens_per_second": (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
+                "peak_memory_train_mb": peak_memory_mb(device)} if trained_here or "training" not in saved \
+        else saved["training"]
     for i, why in trainer.failures.items():
         _write_error(work, points[i], f"training stopped at step {trainer.step}: {why}")
     torch.save(trainer.state_dict(), work / TRAINER_STATE)  # a restart after this point never retrains
-    peak_train_mb = peak_memory_mb(device)
+    (work / (TRAIN_FINAL + ".partial")).write_text(json.dumps({"points": dict(zip(keys, last, strict=True)),
+                                                               "training": training}))
+    (work / (TRAIN_FINAL + ".partial")).rename(work / TRAIN_FINAL)
     todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]
     compute_dtypes = trainer.compute_dtypes
     saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
@@ -211,9 +220,8 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
         scorer = SpliceScorer(lm, contexts, spec.site)
         sample = list(importance_sample(train_store, spec.eval.importance_tokens))
     shared_eval = time.perf_counter() - t1
-    shared = {"pack_size": float(len(points)), "pack_train_seconds": train_seconds,
-              "train_seconds": train_seconds / len(points), "train_tokens_per_second": tokens_per_second,
-              "peak_memory_train_mb": peak_train_mb, "estimated_memory_mb": estimated_mb}
+    shared = {"pack_size": float(len(points)), **training,
+              "train_seconds": training["pack_train_seconds"] / len(points), "estimated_memory_mb": estimated_mb}
     for i, point in todo:
         t2 = time.perf_counter()
         try:
@@ -230,7 +238,18 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
             _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
                           {"device": device, "compute_dtype": compute_dtypes[i]})
         tune.report({"phase": "evaluated", "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
+        _inject_crash()
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
+
+
+def _inject_crash() -> None:
+    """Test hook: with $SAE_FRONTIER_INJECT_CRASH naming a file that does not exist yet, create it and kill this
+    process at once (as a lost node would), right after a point's bundle was checkpointed: Tune must restart
+    the trial from that checkpoint without redoing finished work. Unset in normal runs."""
+    marker = os.environ.get(INJECT_CRASH_ENV)
+    if marker and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
 
 
 def _inject_faults(trainer: Trainer, keys: list[str]) -> None:

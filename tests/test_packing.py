@@ -13,7 +13,7 @@ from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import ERROR_TAG, PARENT_TAG
-from orchestrator.trial import INJECT_NAN_ENV
+from orchestrator.trial import INJECT_CRASH_ENV, INJECT_NAN_ENV
 from sae.lm import ModelInfo
 
 LM = ModelInfo(name="x", revision="r", n_layers=4, d_model=64, model_type="llama", n_params=10_000_000,
@@ -135,3 +135,31 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
         ref = reference[key].data.metrics
         for metric in ("fvu", "l0", "train_final/fvu"):  # packing changes where SAEs train, not what they learn
             assert m[metric] == pytest.approx(ref[metric], rel=1e-4, abs=1e-6), (key, metric)
+
+
+@pytest.mark.slow
+def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, tmp_path):
+    spec = load_spec("smoke", {"storage": str(home / "shards"), "results_path": str(home / "results"),
+                               "tracking_uri": f"sqlite:///{home}/mlflow.db", "experiment": "crashed",
+                               "resources": {"cpus": 2, "max_concurrent": 1, "pack": 4}})
+    marker = tmp_path / "crashed"
+    ray.shutdown()
+    os.environ[INJECT_CRASH_ENV] = str(marker)  # the trial process dies once, after its first point's bundle
+    try:
+        outcome = run_sweep(spec)
+    finally:
+        ray.shutdown()
+        del os.environ[INJECT_CRASH_ENV]
+    assert marker.exists()  # the crash happened, and Tune restarted the trial from its checkpoint
+    uri = spec.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    runs = _finals(uri, "crashed", outcome.parent_run_id)
+    assert set(runs) == {p["trial_key"] for p in spec.trial_points()}
+    ends = []
+    for run in runs.values():
+        m = run.data.metrics
+        assert run.info.status == "FINISHED" and "train_final/fvu" in m and m["pack_train_seconds"] > 0
+        steps = [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps and len(steps) == len(set(steps))  # training ran once: no step logged twice
+        ends.append((m["tokens_seen"], m["pack_train_seconds"]))
+    assert len(set(ends)) == 1  # the points evaluated after the restart report the one training that ran
