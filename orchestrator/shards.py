@@ -108,7 +108,15 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    return json.loads(read_bytes(fs, path))
+    """A JSON object of the store (manifest, plan, shard sidecar); a cut-short or corrupt one is named, with the fix."""
+    try:
+        value = json.loads(read_bytes(fs, path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path} is not valid JSON ({err}): the file was cut short or corrupted; delete it and rerun "
+                         "the harvest (complete shards are kept)") from None
+    if not isinstance(value, dict):
+        raise ShardError(f"{path} holds a JSON {type(value).__name__}, not an object; delete it and rerun the harvest")
+    return value
 
 
 def encode_shard(act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray], labels: Sequence[str],

@@ -10,6 +10,8 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -146,8 +148,14 @@ def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
     if resume:
         if not exists(fs, latest):
             raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {spec.results_path}")
-        return read_bytes(fs, latest).decode().strip()
-    name = f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        name = read_bytes(fs, latest).decode(errors="replace").strip()
+        pattern = rf"{re.escape(spec.name)}-{search}-\d{{8}}-\d{{6}}(-[0-9a-f]{{6}})?"
+        if not re.fullmatch(pattern, name):  # it becomes a path under results_path: never follow anything else
+            raise ValueError(f"--resume: {latest} names {name[:80]!r}, not a sweep of spec {spec.name!r} "
+                             f"(<spec>-{search}-<date>-<time>-<suffix>); delete the file and start a new sweep")
+        return name
+    # a random suffix: two sweeps of one spec started in the same second still get two names
+    name = f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     fs.create_dir(root, recursive=True)
     write_atomic(fs, latest, name.encode())
     return name

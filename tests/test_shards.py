@@ -111,7 +111,14 @@ def test_corrupt_shard_is_named_with_the_fix(tmp_path):
     (tmp_path / "shard-00002.parquet").unlink()
     with pytest.raises(ShardError, match=r"shard-00002\.parquet is missing"):
         load_shard(store, m, 2)
-    (tmp_path / "manifest.json").unlink()
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])  # cut short
+    with pytest.raises(ShardError, match=r"manifest\.json is not valid JSON.*delete it and rerun the harvest"):
+        read_manifest(store)
+    manifest.write_text("[1, 2]")
+    with pytest.raises(ShardError, match=r"manifest\.json holds a JSON list"):
+        read_manifest(store)
+    manifest.unlink()
     with pytest.raises(ShardError, match="no manifest.json.*run harvest"):
         read_manifest(store)
 

@@ -114,3 +114,15 @@ def test_cli_rejects_bad_spec_before_ray_and_writes_nothing(tmp_path):
     assert "k must satisfy" in proc.stderr and "n_latents=64" in proc.stderr
     assert "ray" not in proc.stdout.lower()  # Ray never started
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
+
+
+def test_sweep_names_are_unique_and_resume_follows_only_a_sweep_name(tmp_path):
+    from orchestrator.sweep import _experiment_dir_name
+
+    spec = load_spec("smoke", {"results_path": str(tmp_path)})
+    first, second = _experiment_dir_name(spec, "grid", False), _experiment_dir_name(spec, "grid", False)
+    assert first != second and first.startswith("smoke-grid-")  # same second, still two names
+    assert _experiment_dir_name(spec, "grid", True) == second
+    (tmp_path / "smoke.grid.latest").write_text("../../etc")
+    with pytest.raises(ValueError, match=r"smoke\.grid\.latest names '\.\./\.\./etc', not a sweep"):
+        _experiment_dir_name(spec, "grid", True)
