@@ -33,7 +33,9 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields, booleans or strings where numbers belong, and inf/NaN are refused with the field named."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class HarvestResources(_Strict):
@@ -337,6 +339,19 @@ def _first_message(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate a spec. Names without a path are looked up in sweeps/specs/."""
     p = Path(path)
@@ -345,7 +360,7 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     if not p.exists():
         raise SpecError(f"spec file {str(path)!r} does not exist; available: {sorted(x.stem for x in SPEC_DIR.glob('*.yaml'))}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise SpecError(f"spec {p}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,20 @@ def test_sweep_names_are_unique_and_resume_follows_only_a_sweep_name(tmp_path):
     (tmp_path / "smoke.grid.latest").write_text("../../etc")
     with pytest.raises(ValueError, match=r"smoke\.grid\.latest names '\.\./\.\./etc', not a sweep"):
         _experiment_dir_name(spec, "grid", True)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"train_tokens": True}, "train_tokens"), ({"train_tokens": "6144"}, "train_tokens"),
+    ({"eval_fraction": float("inf")}, "eval_fraction"), ({"train": {"lr": float("nan")}}, "train.lr"),
+    ({"resources": {"cpus": True}}, "resources.cpus"), ({"eval": {"splice_contexts": 2.5}}, "eval.splice_contexts"),
+])
+def test_numbers_are_strict(override, field):
+    with pytest.raises(SpecError, match=rf"{re.escape(field)}: "):
+        load_spec("smoke", override)
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text((SPEC_DIR / "smoke.yaml").read_text() + "train_tokens: 1\n")
+    with pytest.raises(SpecError, match="duplicate key 'train_tokens'"):
+        load_spec(path)
