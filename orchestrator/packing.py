@@ -129,13 +129,12 @@ def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, devic
     return packs
 
 
-def describe_plan(spec: SweepSpec, packs: list[list[dict[str, Any]]], *, d: int, lm: ModelInfo, shard_rows: int,
-                  device: str = "cpu", budget: int | None = None) -> str:
-    """What the sweep prints before it starts: packs, points per pack and the memory estimate against the budget."""
-    peaks = [trial_memory(spec, p, d=d, lm=lm, shard_rows=shard_rows, device=device) for p in packs]
-    worst = max(peaks, key=lambda e: e.peak)
-    limit = budget if budget is not None else memory_budget(spec)
+def describe_plan(spec: SweepSpec, packs: list[list[dict[str, Any]]], estimates: list[MemoryEstimate],
+                  budget: int) -> str:
+    """What the sweep prints before it starts: packs, points per pack and the largest trial's memory estimate
+    against the budget the packs were planned with."""
+    worst = max(estimates, key=lambda e: e.peak)
     sizes = sorted({len(p) for p in packs})
     return (f"{sum(map(len, packs))} grid points in {len(packs)} trial(s) of {'-'.join(map(str, sizes))} point(s) "
             f"(resources.pack = {spec.resources.pack}); estimated peak memory per trial <= {worst.peak / MB:.0f} MB "
-            f"(training {worst.train / MB:.0f} MB, evaluation {worst.eval / MB:.0f} MB; budget {limit / MB:.0f} MB)")
+            f"(training {worst.train / MB:.0f} MB, evaluation {worst.eval / MB:.0f} MB; budget {budget / MB:.0f} MB)")

@@ -32,7 +32,7 @@ from orchestrator.frontier import (
     save_figure,
 )
 from orchestrator.harvest import HarvestConfig, harvest
-from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
+from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, trial_memory
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
@@ -256,10 +256,11 @@ def plan_grid(spec: SweepSpec, train_store: str, log=print) -> list[dict]:
     lm = describe_model(spec.model, revision=spec.revision)
     rows = max(s["rows"] for s in manifest.shards)
     device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
-    packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device)
-    log(f"[sweep] {describe_plan(spec, packs, d=manifest.d, lm=lm, shard_rows=rows, device=device)}")
-    return [{"points": p, "estimated_memory_mb": round(trial_memory(spec, p, d=manifest.d, lm=lm, shard_rows=rows,
-                                                                     device=device).peak / MB, 1)} for p in packs]
+    budget = memory_budget(spec)  # read once: the plan and the printed budget must agree
+    packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device, budget=budget)
+    estimates = [trial_memory(spec, p, d=manifest.d, lm=lm, shard_rows=rows, device=device) for p in packs]
+    log(f"[sweep] {describe_plan(spec, packs, estimates, budget)}")
+    return [{"points": p, "estimated_memory_mb": round(e.peak / MB, 1)} for p, e in zip(packs, estimates, strict=True)]
 
 
 def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:

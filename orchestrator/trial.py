@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, points_from_config
 from sae.checkpoint import save_sae
@@ -45,7 +46,6 @@ POINTS_DIR = "points"
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
 RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrator.tracking
 ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
-MB = 1 << 20
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
 
@@ -204,9 +204,8 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
     for i, why in trainer.failures.items():
         _write_error(work, points[i], f"training stopped at step {trainer.step}: {why}")
     torch.save(trainer.state_dict(), work / TRAINER_STATE)  # a restart after this point never retrains
-    (work / (TRAIN_FINAL + ".partial")).write_text(json.dumps({"points": dict(zip(keys, last, strict=True)),
-                                                               "training": training}))
-    (work / (TRAIN_FINAL + ".partial")).rename(work / TRAIN_FINAL)
+    _write_text_atomic(work / TRAIN_FINAL, json.dumps({"points": dict(zip(keys, last, strict=True)),
+                                                      "training": training}))
     todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]
     compute_dtypes = trainer.compute_dtypes
     saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
@@ -303,9 +302,14 @@ def _write_error(work: Path, point: dict[str, Any], why: str) -> None:
     if (out / ERROR_FILE).exists():
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ERROR_FILE + ".partial")
-    tmp.write_text(why)
-    tmp.rename(out / ERROR_FILE)
+    _write_text_atomic(out / ERROR_FILE, why)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path` under a temporary name, then rename: a checkpoint never holds half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def test_auto_fills_each_trial_up_to_the_memory_budget():
     assert seeds.count(0) == 4
     alone = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1)  # nothing fits: one point per trial still runs
     assert [len(p) for p in alone] == [1] * 8
-    text = describe_plan(spec, packs, d=64, lm=LM, shard_rows=512, budget=budget)
+    estimates = [trial_memory(spec, p, d=64, lm=LM, shard_rows=512) for p in packs]
+    text = describe_plan(spec, packs, estimates, budget)
     assert f"8 grid points in {len(packs)} trial(s)" in text and f"budget {budget / MB:.0f} MB" in text
 
 
