@@ -172,6 +172,56 @@ def _pair_distances(x: Tensor, a: Tensor, b: Tensor, metric: str) -> Tensor:
     return (sq[a] + sq[b] - 2 * gram[a, b]).clamp_min(0).sqrt()
 
 
+class RSAReference:
+    """The input side of RSA, computed once: the seeded token sample, the token pairs and the ranks of their
+    distances in x. A curve scores dozens of reconstructions of the same x, so only x_hat's side is per call."""
+
+    def __init__(self, x: Tensor, *, n_tokens: int = 2048, seed: int = 0, metric: str = "euclidean",
+                 max_pairs: int | None = 250_000):
+        x64 = _flat(x, "x")
+        if n_tokens < 3:
+            raise ValueError(f"n_tokens must be >= 3 to correlate pairwise distances, got {n_tokens}")
+        n = x64.shape[0]
+        if n < 3:
+            raise ValueError(f"rsa needs at least 3 tokens, got {n}")
+        gen = torch.Generator().manual_seed(seed)
+        self.n_input, self.rows = n, None
+        if n > n_tokens:
+            self.rows = torch.randperm(n, generator=gen)[:n_tokens]
+            x64, n = x64[self.rows], n_tokens
+        self.a, self.b = _pairs(n, max_pairs, gen)
+        self.metric = metric
+        self.x_ranks = _average_ranks(_pair_distances(x64, self.a, self.b, metric))
+
+    def __call__(self, x_hat: Tensor) -> float:
+        """Spearman correlation of x's and x_hat's pairwise distances (x_hat: the same tokens as x)."""
+        xh64 = _flat(x_hat, "x_hat")
+        if xh64.shape[0] != self.n_input:
+            raise ValueError(f"x_hat must hold the {self.n_input} tokens of x, got shape {list(x_hat.shape)}")
+        if self.rows is not None:
+            xh64 = xh64[self.rows]
+        return _pearson(self.x_ranks, _average_ranks(_pair_distances(xh64, self.a, self.b, self.metric)))
+
+
+def _pairs(n: int, max_pairs: int | None, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """All token pairs a < b, or a seeded uniform sample of `max_pairs` distinct ones."""
+    n_pairs = n * (n - 1) // 2
+    if max_pairs is None or n_pairs <= max_pairs:
+        a, b = torch.triu_indices(n, n, offset=1)
+        return a, b
+    flat = torch.randperm(n_pairs, generator=gen)[:max_pairs]
+    # flat index -> (a, b) with a < b, row-major over the upper triangle
+    a = (n - 0.5 - torch.sqrt((n - 0.5) ** 2 - 2 * flat.double())).floor().long()
+    start = a * (2 * n - a - 1) // 2
+    fix = flat < start  # guard the float sqrt at row boundaries
+    a[fix] -= 1
+    start = a * (2 * n - a - 1) // 2
+    fix = flat >= start + (n - 1 - a)
+    a[fix] += 1
+    start = a * (2 * n - a - 1) // 2
+    return a, a + 1 + (flat - start)
+
+
 def rsa(x: Tensor, x_hat: Tensor, *, n_tokens: int = 2048, seed: int = 0, metric: str = "euclidean",
         max_pairs: int | None = 250_000) -> float:
     """Representational similarity: Spearman correlation of the pairwise distances of x and of x_hat.
@@ -180,37 +230,10 @@ def rsa(x: Tensor, x_hat: Tensor, *, n_tokens: int = 2048, seed: int = 0, metric
     seeded uniform sample of `max_pairs` distinct pairs is correlated instead of all of them: ranking 2M pairs
     per reduced SAE would cost seconds, and at 250k pairs the estimate's sampling error (~1/sqrt(pairs) = 0.002)
     is far below the differences the evaluation compares. A constant distance matrix (e.g. a reconstruction
-    that ignores its input) carries no structure and scores 0.
+    that ignores its input) carries no structure and scores 0. Scoring many x_hat of one x: `RSAReference`.
     """
-    x64, xh64 = _check_pair(x, x_hat)
-    if n_tokens < 3:
-        raise ValueError(f"n_tokens must be >= 3 to correlate pairwise distances, got {n_tokens}")
-    n = x64.shape[0]
-    if n < 3:
-        raise ValueError(f"rsa needs at least 3 tokens, got {n}")
-    gen = torch.Generator().manual_seed(seed)
-    if n > n_tokens:
-        rows = torch.randperm(n, generator=gen)[:n_tokens]
-        x64, xh64 = x64[rows], xh64[rows]
-        n = n_tokens
-    n_pairs = n * (n - 1) // 2
-    if max_pairs is None or n_pairs <= max_pairs:
-        a, b = torch.triu_indices(n, n, offset=1)
-    else:
-        flat = torch.randperm(n_pairs, generator=gen)[:max_pairs]
-        # flat index -> (a, b) with a < b, row-major over the upper triangle
-        a = (n - 0.5 - torch.sqrt((n - 0.5) ** 2 - 2 * flat.double())).floor().long()
-        start = a * (2 * n - a - 1) // 2
-        fix = flat < start  # guard the float sqrt at row boundaries
-        a[fix] -= 1
-        start = a * (2 * n - a - 1) // 2
-        fix = flat >= start + (n - 1 - a)
-        a[fix] += 1
-        start = a * (2 * n - a - 1) // 2
-        b = a + 1 + (flat - start)
-    da = _pair_distances(x64, a, b, metric)
-    db = _pair_distances(xh64, a, b, metric)
-    return _pearson(_average_ranks(da), _average_ranks(db))
+    _check_pair(x, x_hat)
+    return RSAReference(x, n_tokens=n_tokens, seed=seed, metric=metric, max_pairs=max_pairs)(x_hat)
 
 
 def linear_cka(x: Tensor, x_hat: Tensor) -> float:

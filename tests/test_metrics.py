@@ -5,7 +5,18 @@ import math
 import pytest
 import torch
 
-from sae.metrics import ReconstructionAccumulator, batch_moments, dead_fraction, fvu, l0, linear_cka, mse, rsa
+from sae.metrics import (
+    ReconstructionAccumulator,
+    RSAReference,
+    batch_moments,
+    dead_fraction,
+    fvu,
+    l0,
+    linear_cka,
+    linear_cka_from_grams,
+    mse,
+    rsa,
+)
 
 
 def _data(n=300, d=16, seed=0):
@@ -62,6 +73,31 @@ def test_rsa_identity_and_permutation():
     assert abs(rsa(x, shuffled, n_tokens=200)) < 0.1
     assert rsa(x, x_hat, n_tokens=200, seed=1) == rsa(x, x_hat, n_tokens=200, seed=1)  # seeded sample
     assert rsa(x, x * 3.0, metric="cosine") == pytest.approx(1.0, abs=1e-12)
+
+
+def test_rsa_reference_ranks_x_once_and_scores_like_rsa():
+    x, x_hat = _data(n=400)
+    ref = RSAReference(x, n_tokens=200, seed=1)
+    for other in (x_hat, x_hat.flip(1), x):
+        assert ref(other) == rsa(x, other, n_tokens=200, seed=1)  # the same sample, pairs and ranks
+    with pytest.raises(ValueError, match="400 tokens"):
+        ref(x_hat[:300])
+
+
+def test_cka_from_float32_sums_about_a_shift_matches_float64():
+    """The evaluation accumulates CKA's sums in float32 about the eval mean: with activations far from the origin
+    (a residual stream's mean is large), uncentred float32 sums would cancel; shifted ones stay exact to 1e-6."""
+    x, x_hat = _data(n=4096)
+    x, x_hat = x.float() + 300.0, x_hat.float() + 300.0
+    exact = linear_cka(x, x_hat)
+    shift = x.double().mean(0).float()
+    xc, yc = x - shift, x_hat - shift
+    shifted = linear_cka_from_grams((xc.T @ xc).double(), xc.sum(0, dtype=torch.float64), (yc.T @ yc).double(),
+                                    (yc.T @ xc).double(), yc.sum(0, dtype=torch.float64), x.shape[0])
+    naive = linear_cka_from_grams((x.T @ x).double(), x.sum(0, dtype=torch.float64), (x_hat.T @ x_hat).double(),
+                                  (x_hat.T @ x).double(), x_hat.sum(0, dtype=torch.float64), x.shape[0])
+    assert shifted == pytest.approx(exact, abs=1e-6)
+    assert abs(naive - exact) > 100 * abs(shifted - exact)  # what the shift is for
 
 
 def test_cka_invariances():
