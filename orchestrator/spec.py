@@ -157,9 +157,9 @@ class SweepSpec(_Strict):
     activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bf16 on a GPU, fp32 on a CPU
-    storage: str = ".cache/shards"
+    storage: str = Field(".cache/shards", description="shard store: a folder or URI every node reaches")
     tracking_uri: str | None = None
-    results_path: str = ".cache/ray_results"
+    results_path: str = Field(".cache/ray_results", description="Ray Tune's results and checkpoints")
     harvest: HarvestResources = HarvestResources()
     resources: TrialResources = TrialResources()
     grid: GridSpec
@@ -172,6 +172,14 @@ class SweepSpec(_Strict):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
             raise ValueError(f"name must use letters, digits, '_', '.', '-' only, got {v!r}")
+        return v
+
+    @field_validator("storage", "results_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.strip():  # an empty path would resolve to the repo root
+            raise ValueError("an empty path; give a folder (relative paths are under the repo) or a URI such as "
+                             "s3://bucket/prefix")
         return v
 
     @field_validator("site")
@@ -378,25 +386,3 @@ def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise SpecError(f"spec {source} is invalid:\n" + "\n".join(lines)) from None
-
-
-def preflight(spec: SweepSpec) -> None:
-    """Checks that need the model's config and the corpus, still before Ray starts: an unknown model, a layer out
-    of range, a missing text column or an empty corpus stop here with the field named."""
-    from sae.corpus import load_corpus
-    from sae.lm import describe_model
-
-    try:
-        info = describe_model(spec.model, revision=spec.revision)
-    except (OSError, ValueError) as err:
-        raise SpecError(f"model: cannot load {spec.model!r}: {err}") from None
-    if not 0 <= spec.layer < info.n_layers:
-        raise SpecError(f"site: layer {spec.layer} is out of range for {spec.model} ({info.n_layers} layers, "
-                        f"0..{info.n_layers - 1})")
-    try:
-        corpus = load_corpus(spec.corpus, split=spec.corpus_split, text_column=spec.text_column,
-                             label_column=spec.label_column)
-    except (OSError, ValueError) as err:
-        raise SpecError(f"corpus: {err}") from None
-    if len(corpus) == 0:
-        raise SpecError(f"corpus: {spec.corpus!r} (split {spec.corpus_split!r}) is empty")

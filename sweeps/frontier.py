@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.spec import SPEC_DIR, SpecError, load_spec, preflight  # noqa: E402
+from orchestrator.spec import SPEC_DIR, SpecError, load_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         spec = load_spec(args.spec, overrides)
+        from orchestrator.preflight import preflight
+
         preflight(spec)
     except (SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from spec_helpers import smoke_dict
 
-from orchestrator.spec import SPEC_DIR, SpecError, load_spec, preflight, spec_from_dict
+from orchestrator.spec import SPEC_DIR, SpecError, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def base(**over) -> dict:
-    raw = yaml.safe_load((SPEC_DIR / "smoke.yaml").read_text())
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return raw
 
 
 @pytest.mark.parametrize("name", ["default", "smoke", "paper"])
@@ -71,40 +64,19 @@ def test_paper_spec_is_the_papers_grid():
 )
 def test_invalid_spec_names_the_field(override, needle):
     with pytest.raises(SpecError, match=needle.replace("[", r"\[")):
-        spec_from_dict(base(**override))
+        spec_from_dict(smoke_dict(**override))
 
 
 def test_partition_for_other_n_names_coordinates():
     with pytest.raises(SpecError) as err:
-        spec_from_dict(base(grid={"n_latents": [128, 256], "partition": [[32, 64, 128]]}))
+        spec_from_dict(smoke_dict(grid={"n_latents": [128, 256], "partition": [[32, 64, 128]]}))
     assert "n_latents=256" in str(err.value) and "partition=32,64,128" in str(err.value)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("override", "needle"),
-    [
-        ({"model": "./no/such/model"}, "model"),
-        ({"site": "resid_post.99"}, "layer 99 is out of range"),
-        ({"text_column": "body"}, "corpus"),
-    ],
-)
-def test_preflight_checks_model_and_corpus(override, needle):
-    with pytest.raises(SpecError, match=needle):
-        preflight(spec_from_dict(base(**override)))
-
-
-def test_empty_corpus_is_rejected(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(SpecError, match="corpus"):
-        preflight(spec_from_dict(base(corpus=str(empty), label_column=None)))
 
 
 @pytest.mark.slow
 def test_cli_rejects_bad_spec_before_ray_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(base(grid={"n_latents": [64], "k": [64]}, storage=str(tmp_path / "shards"),
+    bad.write_text(yaml.safe_dump(smoke_dict(grid={"n_latents": [64], "k": [64]}, storage=str(tmp_path / "shards"),
                                        results_path=str(tmp_path / "results"))))
     db = tmp_path / "mlflow.db"
     proc = subprocess.run(
@@ -133,6 +105,7 @@ def test_sweep_names_are_unique_and_resume_follows_only_a_sweep_name(tmp_path):
     ({"train_tokens": True}, "train_tokens"), ({"train_tokens": "6144"}, "train_tokens"),
     ({"eval_fraction": float("inf")}, "eval_fraction"), ({"train": {"lr": float("nan")}}, "train.lr"),
     ({"resources": {"cpus": True}}, "resources.cpus"), ({"eval": {"splice_contexts": 2.5}}, "eval.splice_contexts"),
+    ({"storage": ""}, "storage"), ({"results_path": "  "}, "results_path"),
 ])
 def test_numbers_are_strict(override, field):
     with pytest.raises(SpecError, match=rf"{re.escape(field)}: "):
