@@ -312,6 +312,6 @@ class MLflowSweepCallback(tune.Callback):
 
     def _fail(self, run_id: str, why: str) -> None:
         """Mark a point's run FAILED and say why: in a tag (the UI's run list) and as error.txt."""
-        self.tracker.log_tags(run_id, {ERROR_TAG: why[-4000:]})
+        self.tracker.log_tags(run_id, {ERROR_TAG: why.strip().splitlines()[0][:500] if why.strip() else "unknown"})
         self.tracker.client.log_text(run_id, why, ERROR_FILE)
         self.tracker.finish(run_id, "FAILED")

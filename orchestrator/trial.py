@@ -48,6 +48,8 @@ RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrat
 ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
+# errors that repeat on every attempt (bad input, a corrupt shard, NaN/Inf, a bug): failed at once, not retried
+DETERMINISTIC_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, AssertionError, NotImplementedError)
 
 
 def pick_device(requested: str) -> str:
@@ -144,21 +146,18 @@ def _sae_config(point: dict[str, Any], d: int) -> SAEConfig:
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_store: str) -> None:
-    """The Tune trainable (wrapped with tune.with_parameters and tune.with_resources by the sweep)."""
+    """The Tune trainable (wrapped with tune.with_parameters and tune.with_resources by the sweep).
+
+    A deterministic error (`DETERMINISTIC_ERRORS`: a corrupt shard, a bad setting, a non-finite value, a bug)
+    would fail again on every retry, so it fails the trial's unfinished points at once, each with its reason
+    (error.txt, the run's `sae_frontier.error` tag), and the trial ends without a Tune retry. Anything else (a
+    lost node, out of memory, a full disk, a network error) propagates, and Tune retries the trial from its last
+    checkpoint (`FailureConfig.max_failures`).
+    """
     spec = SweepSpec.model_validate_json(spec_json)
     points = points_from_config(config, spec)
-    keys = [p["trial_key"] for p in points]
-    estimated_mb = float(config.get("pack", {}).get("estimated_memory_mb", float("nan")))
-    device = pick_device(spec.device)
-    cpus = max(1, int(spec.resources.cpus))
-    torch.set_num_threads(cpus)
-    manifest = read_manifest(train_store)
-    members = [(_sae_config(p, manifest.d), spec.train_config(p, device)) for p in points]
-    if len({p["seed"] for p in points}) != 1:
-        raise ValueError(f"a pack reads one ordered stream of batches, so its points must share a seed: {keys}")
-    trainer = Trainer(members, parallel=min(len(points), cpus), isolate_failures=True)
-
     work = Path(tempfile.mkdtemp(prefix="sae-trial-"))
+    trainer: Trainer | None = None
     try:
         resumed = tune.get_checkpoint()
         if resumed is not None:
@@ -167,11 +166,36 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
             if all(point_done(work, p) for p in points):  # evaluation already finished: report it again
                 tune.report(_final_report(work, points, spec), checkpoint=resumed)
                 return
+        device = pick_device(spec.device)
+        trainer = _trainer(spec, points, train_store, device)
+        if resumed is not None and (work / TRAINER_STATE).exists():
             trainer.load_state_dict(torch.load(work / TRAINER_STATE, weights_only=True, map_location=device))
-        _train_and_evaluate(trainer, points, keys, spec, device, train_store, eval_store, work, estimated_mb)
+        estimated_mb = float(config.get("pack", {}).get("estimated_memory_mb", float("nan")))
+        _train_and_evaluate(trainer, points, [p["trial_key"] for p in points], spec, device, train_store,
+                            eval_store, work, estimated_mb)
+    except DETERMINISTIC_ERRORS as err:
+        why = f"{type(err).__name__}: {err}\n\nnot retried: this error repeats on every attempt\n\n" \
+              f"{traceback.format_exc()}"
+        for point in points:
+            if not point_done(work, point):
+                _write_error(work, point, why)
+        tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _trainer(spec: SweepSpec, points: list[dict[str, Any]], train_store: str, device: str) -> Trainer:
+    """The pack's Trainer: one member per point, stepped `min(points, cpus)` at a time."""
+    cpus = max(1, int(spec.resources.cpus))
+    torch.set_num_threads(cpus)
+    manifest = read_manifest(train_store)
+    members = [(_sae_config(p, manifest.d), spec.train_config(p, device)) for p in points]
+    if len({p["seed"] for p in points}) != 1:
+        keys = [p["trial_key"] for p in points]
+        raise ValueError(f"a pack reads one ordered stream of batches, so its points must share a seed: {keys}")
+    return Trainer(members, parallel=min(len(points), cpus), isolate_failures=True)
 
 
 def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: list[str], spec: SweepSpec,

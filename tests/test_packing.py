@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import ray
@@ -164,3 +165,34 @@ def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, 
         assert steps and len(steps) == len(set(steps))  # training ran once: no step logged twice
         ends.append((m["tokens_seen"], m["pack_train_seconds"]))
     assert len(set(ends)) == 1  # the points evaluated after the restart report the one training that ran
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_fails_its_points_at_once_without_retries(home, tmp_path):
+    """A deterministic error repeats on every attempt: the trial's points fail with the reason on their runs, and
+    Tune does not retry the trial (orchestrator.trial.DETERMINISTIC_ERRORS)."""
+    over = {"storage": str(tmp_path / "shards"), "results_path": str(tmp_path / "results"),
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "corrupt",
+            "resources": {"cpus": 2, "max_concurrent": 1, "pack": 4}}
+    spec = load_spec("smoke", over)
+    shutil.copytree(home / "shards", tmp_path / "shards")  # the module's store, harvested by the tests above
+    shard = sorted((tmp_path / "shards").glob("*.train.*/shard-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    ray.shutdown()
+    try:
+        with pytest.raises(RuntimeError, match="4 grid point"):
+            run_sweep(spec)
+    finally:
+        ray.shutdown()
+    trials = list((tmp_path / "results").glob("smoke-grid-*/run_trial_*"))
+    assert len(trials) == 1 and not list(trials[0].glob("error.*"))  # ended by itself: no Tune error, no retry
+    uri = spec.resolved_tracking_uri()
+    parent = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("corrupt").experiment_id],
+                                           "tags.`sae_frontier.kind` = 'sweep'")[0]
+    runs = _finals(uri, "corrupt", parent.info.run_id)
+    assert set(runs) == {p["trial_key"] for p in spec.trial_points()}
+    for run in runs.values():
+        tag = run.data.tags[ERROR_TAG]
+        assert run.info.status == "FAILED" and tag.startswith("ShardError: shard ") and shard.name in tag
