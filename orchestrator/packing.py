@@ -114,13 +114,15 @@ def physical_memory() -> int:
 
 
 def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, device: str = "cpu",
-               budget: int | None = None) -> list[list[dict[str, Any]]]:
-    """The grid's points in packs: one seed per pack, grid order kept, at most `resources.pack` points each, or
-    (`auto`) as many as fit the memory budget. A point that alone exceeds the budget still gets a trial."""
+               budget: int | None = None, points: list[dict[str, Any]] | None = None) -> list[list[dict[str, Any]]]:
+    """The grid's points (or `points`, a subset) in packs: one seed per pack, grid order kept, at most
+    `resources.pack` points each, or (`auto`) as many as fit the memory budget. A point that alone exceeds the
+    budget still gets a trial."""
     size = spec.resources.pack
     limit = budget if budget is not None else memory_budget(spec)
     packs: list[list[dict[str, Any]]] = []
-    for _, group in itertools.groupby(sorted(spec.trial_points(), key=lambda p: p["seed"]), key=lambda p: p["seed"]):
+    todo = spec.trial_points() if points is None else points
+    for _, group in itertools.groupby(sorted(todo, key=lambda p: p["seed"]), key=lambda p: p["seed"]):
         current: list[dict[str, Any]] = []
         for point in group:
             full = len(current) >= size if size != "auto" else (

@@ -189,21 +189,33 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
                 "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules),
                 "eval_top1pct_variance_share": f"{concentration:.4f}"},
     )
-    packs = plan_grid(spec, train_store, log) if search == "grid" else []
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    finished: frozenset[str] = frozenset()
+    if resume:  # identity is the grid point: finished points are never scheduled again, whatever Tune kept
+        finished = frozenset(tracker.finished_points(parent))
+        stale = tracker.close_stale_runs(parent)
+        log(f"[sweep] resuming {name}: {len(finished)} grid point(s) finished"
+            + (f", {stale} run(s) left RUNNING by the dead driver marked KILLED until their point runs" if stale else ""))
+    restore = resume and tune.Tuner.can_restore(exp_path)
+    packs = plan_grid(spec, train_store, log, skip=finished) if search == "grid" and not restore else []
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),
         {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
     )
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
     t1 = time.perf_counter()
     if search == "optuna":
         # training reports carry no objectives (only a trial's final evaluation does, and a multi-objective
         # OptunaSearch reads only that one), so Tune must not demand them on every report
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if resume and tune.Tuner.can_restore(exp_path):
+    tuner = None
+    if restore:
         log(f"[sweep] resuming {exp_path}: finished trials are kept, unfinished ones continue from their checkpoints")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+    elif search == "grid" and not packs:
+        log(f"[sweep] every grid point of {name} is finished: nothing to run")
     else:
+        if resume:
+            log(f"[sweep] Tune cannot restore {exp_path}: a new Tuner runs only the unfinished grid points")
         if search == "optuna":
             space = optuna_space(spec)
             tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
@@ -221,7 +233,7 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
                 failure_config=tune.FailureConfig(max_failures=2), verbose=1,
             ),
         )
-    results = tuner.fit()
+    results = tuner.fit() if tuner is not None else []
     trials_seconds = time.perf_counter() - t1
     unfinished = [r for r in results if r.error is None and (r.metrics or {}).get("phase") != "eval"]
     if unfinished:  # interrupted (Ctrl+C / SIGINT): Tune saved its state; the parent run stays open for --resume
@@ -250,14 +262,16 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
     return outcome
 
 
-def plan_grid(spec: SweepSpec, train_store: str, log=print) -> list[dict]:
-    """The grid in packs (orchestrator.packing), each with its memory estimate; the plan is printed."""
+def plan_grid(spec: SweepSpec, train_store: str, log=print, skip: frozenset[str] = frozenset()) -> list[dict]:
+    """The grid in packs (orchestrator.packing), each with its memory estimate; the plan is printed. Points whose
+    key is in `skip` (finished in an earlier attempt of this sweep) are left out."""
     manifest = read_manifest(train_store)
     lm = describe_model(spec.model, revision=spec.revision)
     rows = max(s["rows"] for s in manifest.shards)
     device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
     budget = memory_budget(spec)  # read once: the plan and the printed budget must agree
-    packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device, budget=budget)
+    todo = [p for p in spec.trial_points() if p["trial_key"] not in skip]
+    packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device, budget=budget, points=todo)
     estimates = [trial_memory(spec, p, d=manifest.d, lm=lm, shard_rows=rows, device=device) for p in packs]
     log(f"[sweep] {describe_plan(spec, packs, estimates, budget)}")
     return [{"points": p, "estimated_memory_mb": round(e.peak / MB, 1)} for p, e in zip(packs, estimates, strict=True)]

@@ -25,9 +25,9 @@ from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
-TRIAL_KEY_TAG = "sae_frontier.trial_id"  # <Tune trial id>/<point key>: stable across Tuner.restore
+TUNE_TRIAL_TAG = "sae_frontier.tune_trial"  # the Tune trial that last ran the point (information only)
 ERROR_TAG = "sae_frontier.error"  # why a point's run FAILED
-POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key)
+POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key): a child run's identity
 SPEC_HASH_TAG = "sae_frontier.spec_hash"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
@@ -88,18 +88,36 @@ class Tracker:
             raise ValueError(f"--resume: sweep {sweep_key} was started with another spec (hash {old}, now {spec_hash}); "
                              "restore the spec it ran with, or start a new sweep without --resume")
 
-    def child_run(self, parent_id: str, trial_id: str, *, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        """One child run per grid point, matched by `trial_id` (Tune trial id / point key) so a resumed trial
-        reuses its runs."""
-        run_id = self._find(f"tags.`{TRIAL_KEY_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'")
+    def child_run(self, parent_id: str, point_key: str, *, tune_trial: str, name: str,
+                  params: dict[str, Any]) -> str:
+        """The one child run of a grid point, matched by (parent run, point key) whatever Tune trial runs it: a
+        restored trial, a retried one or a fresh Tuner of `--resume` all reuse it. An unfinished run (KILLED or
+        FAILED by an earlier attempt) is reopened."""
+        run_id = self._find(f"tags.`{POINT_KEY_TAG}` = '{point_key}' and tags.`{PARENT_TAG}` = '{parent_id}'")
         if run_id is not None:
+            if self.client.get_run(run_id).info.status not in ("FINISHED", "RUNNING"):
+                self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, TUNE_TRIAL_TAG, tune_trial)
             return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={PARENT_TAG: parent_id, TRIAL_KEY_TAG: trial_id, "sae_frontier.kind": "trial", **tags},
+            tags={PARENT_TAG: parent_id, POINT_KEY_TAG: point_key, TUNE_TRIAL_TAG: tune_trial,
+                  "sae_frontier.kind": "trial"},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def finished_points(self, parent_id: str) -> set[str]:
+        """Point keys whose child run is FINISHED: what `--resume` never schedules again."""
+        return {r.data.tags[POINT_KEY_TAG] for r in self.runs_of(parent_id)
+                if r.info.status == "FINISHED" and POINT_KEY_TAG in r.data.tags}
+
+    def close_stale_runs(self, parent_id: str) -> int:
+        """Child runs left RUNNING by a driver that died: KILLED until a trial reopens them. Returns how many."""
+        stale = [r for r in self.runs_of(parent_id) if r.info.status == "RUNNING"]
+        for r in stale:
+            self.finish(r.info.run_id, "KILLED")
+        return len(stale)
 
     def is_finished(self, run_id: str) -> bool:
         return self.client.get_run(run_id).info.status == "FINISHED"
@@ -251,15 +269,14 @@ class MLflowSweepCallback(tune.Callback):
         return self._tracker
 
     def _runs_for(self, trial) -> list[tuple[dict[str, Any], str]]:
-        """(point, child run id) for every grid point of the trial; a point's run is matched by Tune trial id and
-        point key, so a restored trial reuses its runs."""
+        """(point, child run id) for every grid point of the trial (`Tracker.child_run`: one run per point)."""
         if trial.trial_id not in self._runs:
             runs = []
             for point in points_from_config(trial.config, self.spec):
                 name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
                 params = {k: v for k, v in point.items() if k != "trial_key"}
-                run_id = self.tracker.child_run(self.parent_id, f"{trial.trial_id}/{point['trial_key']}", name=name,
-                                                params=params, tags={POINT_KEY_TAG: point["trial_key"]})
+                run_id = self.tracker.child_run(self.parent_id, point["trial_key"], tune_trial=trial.trial_id,
+                                                name=name, params=params)
                 history = self.tracker.client.get_metric_history(run_id, "train/loss")
                 self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
                 runs.append((point, run_id))
