@@ -1,4 +1,4 @@
-"""The Ray side of security: a one-machine sweep's Ray listens on loopback only.
+"""The Ray side of security: a one-machine sweep's Ray listens on loopback only, and `make cluster` has a token.
 
 Every Ray started here gets its own HOME (so the real ~/.ray/auth_token is never touched) and RAY_TMPDIR (so it
 never attaches to, or is confused with, another Ray on this machine); leftovers are killed by pid, found by that
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -102,3 +103,51 @@ def test_local_ray_of_a_sweep_listens_on_loopback_only(isolated_env):
     exposed = {k: ip for k, ip in listeners.items() if not is_loopback(ip)}
     assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
     assert out["restored"], "init_ray left Ray's one-machine switch set for later ray.init calls"
+
+
+def run_token_step(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.ray_token"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_token_step_creates_an_owner_only_token_once(isolated_env):
+    env, home = isolated_env
+    first = run_token_step(env)
+    token = home / ".ray" / "auth_token"
+    assert first.returncode == 0, first.stderr
+    assert str(token) in first.stdout and "created" in first.stdout
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    value = token.read_text().strip()
+    assert len(value) >= 32 and value not in first.stdout + first.stderr  # the secret is never printed
+    token.chmod(0o644)  # a token Ray itself wrote (default umask) is kept but narrowed
+    second = run_token_step(env)
+    assert second.returncode == 0, second.stderr
+    assert token.read_text().strip() == value and "narrowed" in second.stdout
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def test_token_step_names_a_missing_custom_token_file(isolated_env):
+    env, home = isolated_env
+    missing = home / "elsewhere" / "token"
+    done = run_token_step({**env, "RAY_AUTH_TOKEN_PATH": str(missing)})
+    assert done.returncode == 1 and str(missing) in done.stderr and "unset RAY_AUTH_TOKEN_PATH" in done.stderr
+    assert not missing.exists() and not (home / ".ray" / "auth_token").exists()
+
+
+@pytest.mark.slow
+def test_make_cluster_starts_a_token_head_from_a_fresh_home(isolated_env):
+    """`make cluster` on a machine with no token: it used to fail ('no authentication token was found')."""
+    busy = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN} & {6379, 8265}
+    if busy:
+        pytest.skip(f"port(s) {sorted(busy)} in use (another head?); make cluster uses the fixed ports 6379 and 8265")
+    env, home = isolated_env
+    # the venv prerequisite is this interpreter's; -o keeps make from (re)building a venv in the checkout
+    done = subprocess.run(["make", "-o", ".venv/.installed", "cluster", f"PY={sys.executable}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    token = home / ".ray" / "auth_token"
+    assert f"Ray auth token: {token} (created 0600)" in done.stdout
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    status = subprocess.run([BIN / "ray", "status"], cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"},
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]  # the head accepts that token
