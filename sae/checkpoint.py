@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sae.config import SAEConfig
@@ -86,10 +86,16 @@ def load_sae(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     cfg = load_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise ValueError(f"no {WEIGHTS_FILE} in {directory}")
+        raise ValueError(f"no {WEIGHTS_FILE} in {directory}: save the SAE with sae.checkpoint.save_sae (weights are "
+                         "read from safetensors only, never from a pickled .pt/.bin file)")
     want = expected_shapes(cfg)
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    try:
+        f = safe_open(str(weights), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a safetensors file ({e}): replace it with one written by "
+                         "sae.checkpoint.save_sae (a pickle in its place is refused: loading one can run code)") from e
+    with f:
         present = set(f.keys())
         for name in TENSOR_NAMES:
             if name not in present:

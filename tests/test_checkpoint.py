@@ -67,3 +67,13 @@ def test_cfg_mismatch_and_missing_tensor(tmp_path):
     save_file(tensors, str(path / "sae.safetensors"))
     with pytest.raises(ValueError, match="lacks tensor 'b_enc'"):
         load_sae(path)
+
+
+def test_load_sae_refuses_a_pickle_or_a_missing_weights_file(tmp_path):
+    path = save_sae(_sae(), tmp_path / "ckpt")
+    torch.save({"W_enc": torch.zeros(6, 20)}, path / "sae.safetensors")  # a pickle dropped in its place
+    with pytest.raises(ValueError, match=r"ckpt/sae.safetensors is not a safetensors file.*save_sae"):
+        load_sae(path)
+    (path / "sae.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no sae.safetensors in .*ckpt.*save_sae"):
+        load_sae(path)
