@@ -92,6 +92,8 @@ def init_ray() -> None:
     (Ray's one-machine mode, its default on macOS and Windows). Ray reads that variable when it is imported, so
     while the local Ray starts it is set both for the processes ray.init spawns and, as Ray's parsed constant,
     for this one; both are restored afterwards, so a later connection to a real cluster is unaffected.
+    A new local Ray turns token auth on and would write a missing ~/.ray/auth_token world-readable: the token is
+    made owner-only first (orchestrator.ray_token), unless RAY_AUTH_MODE=disabled.
     """
     if ray.is_initialized():
         return
@@ -99,6 +101,11 @@ def init_ray() -> None:
         ray.init(log_to_driver=True)
         return
     from ray._private import ray_constants
+
+    from orchestrator.ray_token import ensure_token
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+        ensure_token()
 
     var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
     env_before, const_before = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER

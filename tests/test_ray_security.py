@@ -91,7 +91,7 @@ def isolated_env(tmp_path):
 
 
 def test_local_ray_of_a_sweep_listens_on_loopback_only(isolated_env):
-    env, _ = isolated_env
+    env, home = isolated_env
     env.pop("RAY_AUTH_MODE", None)
     done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=180)
@@ -103,6 +103,7 @@ def test_local_ray_of_a_sweep_listens_on_loopback_only(isolated_env):
     exposed = {k: ip for k, ip in listeners.items() if not is_loopback(ip)}
     assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
     assert out["restored"], "init_ray left Ray's one-machine switch set for later ray.init calls"
+    assert stat.S_IMODE((home / ".ray" / "auth_token").stat().st_mode) == 0o600  # not Ray's default 0644
 
 
 def run_token_step(env: dict) -> subprocess.CompletedProcess:
