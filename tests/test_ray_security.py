@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def isolated_env(tmp_path):
         yield env, tmp_path / "home"
     finally:
         kill_rays_under(ray_tmpdir)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def test_local_ray_of_a_sweep_listens_on_loopback_only(isolated_env):
