@@ -48,7 +48,9 @@ EXPERIMENT ?= sae-frontier-default
 report: venv
 	$(PY) sweeps/report.py --experiment $(EXPERIMENT)
 
+# `ray start --head` with token auth needs a token and creates none: make one (owner-only) if missing.
 cluster: venv
+	$(PY) -m orchestrator.ray_token
 	ray start --head --disable-usage-stats --dashboard-host 127.0.0.1
 
 # The job writes into this checkout's shard store, Ray results and MLflow store (SAE_FRONTIER_HOME), not into

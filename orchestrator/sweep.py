@@ -85,13 +85,39 @@ class SweepOutcome:
 
 
 def init_ray() -> None:
-    """Join the cluster this runs on (a job's RAY_ADDRESS), else start a local Ray."""
+    """Join the cluster this runs on (a job's RAY_ADDRESS), else start a local Ray that listens on loopback only.
+
+    A Ray node binds its gRPC servers (GCS, raylet, workers, agents) to 127.0.0.1 only when its node IP is
+    127.0.0.1, and ray.init replaces 127.0.0.1 by the host's address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    (Ray's one-machine mode, its default on macOS and Windows). Ray reads that variable when it is imported, so
+    while the local Ray starts it is set both for the processes ray.init spawns and, as Ray's parsed constant,
+    for this one; both are restored afterwards, so a later connection to a real cluster is unaffected.
+    A new local Ray turns token auth on and would write a missing ~/.ray/auth_token world-readable: the token is
+    made owner-only first (orchestrator.ray_token), unless RAY_AUTH_MODE=disabled.
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
+        return
+    from ray._private import ray_constants
+
+    from orchestrator.ray_token import ensure_token
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+        ensure_token()
+
+    var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    env_before, const_before = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
         ray.init(include_dashboard=False, log_to_driver=True)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = const_before
+        if env_before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = env_before
 
 
 def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:

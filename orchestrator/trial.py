@@ -6,9 +6,9 @@ outcome: a non-finite loss stops that SAE only, an evaluation error fails that p
 point's bundle is checkpointed as soon as it exists, so a restarted trial redoes neither its training nor the
 evaluations already done. The trial only computes; it never writes MLflow. It reports training metrics to Tune
 as `<point key>/<metric>` (the driver's tracking callback logs them to each point's run) and saves its state as
-a Tune checkpoint every few steps. Its checkpoint holds trainer.pt and points/<point key>/ with either the
-result bundle (result.json: final metrics, curves with step = G, power law; the SAE as safetensors + cfg.json;
-plots) or error.txt.
+a Tune checkpoint every few steps. Its checkpoint holds trainer.safetensors + trainer.json (no pickle) and
+points/<point key>/ with either the result bundle (result.json: final metrics, curves with step = G, power law;
+the SAE as safetensors + cfg.json; plots) or error.txt.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ray import tune
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, points_from_config
-from sae.checkpoint import save_sae
+from sae.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.config import SAEConfig
 from sae.corpus import special_ids
 from sae.evaluate import EvalData, evaluate_progressive, principal_method
@@ -41,7 +41,7 @@ from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
 from sae.train import Trainer
 
-TRAINER_STATE = "trainer.pt"
+TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 POINTS_DIR = "points"
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
 RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrator.tracking
@@ -136,7 +136,7 @@ def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[
     if not checkpoint:
         tune.report(payload)
         return
-    torch.save(trainer.state_dict(), work / TRAINER_STATE)
+    save_trainer_state(trainer.state_dict(), work, TRAINER_STATE)
     tune.report(payload, checkpoint=tune.Checkpoint.from_directory(work))
 
 
@@ -168,8 +168,8 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
                 return
         device = pick_device(spec.device)
         trainer = _trainer(spec, points, train_store, device)
-        if resumed is not None and (work / TRAINER_STATE).exists():
-            trainer.load_state_dict(torch.load(work / TRAINER_STATE, weights_only=True, map_location=device))
+        if resumed is not None:
+            trainer.load_state_dict(load_trainer_state(work, TRAINER_STATE))
         estimated_mb = float(config.get("pack", {}).get("estimated_memory_mb", float("nan")))
         _train_and_evaluate(trainer, points, [p["trial_key"] for p in points], spec, device, train_store,
                             eval_store, work, estimated_mb)
@@ -227,7 +227,7 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
         else saved["training"]
     for i, why in trainer.failures.items():
         _write_error(work, points[i], f"training stopped at step {trainer.step}: {why}")
-    torch.save(trainer.state_dict(), work / TRAINER_STATE)  # a restart after this point never retrains
+    save_trainer_state(trainer.state_dict(), work, TRAINER_STATE)  # a restart after this point never retrains
     _write_text_atomic(work / TRAIN_FINAL, json.dumps({"points": dict(zip(keys, last, strict=True)),
                                                       "training": training}))
     todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]

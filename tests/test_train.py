@@ -1,13 +1,14 @@
-"""Trainer: feature recovery on planted data, BatchTopK L0, errors, exact resume, multi-SAE streams, AuxK (dense and
-sparse paths, normalised form), Matryoshka per-prefix training FVU."""
+"""Trainer: feature recovery on planted data, BatchTopK L0, errors, exact resume (through the safetensors + JSON
+trainer-state files), multi-SAE streams, AuxK (dense and sparse paths, normalised form), Matryoshka per-prefix
+training FVU."""
 
 import copy
-import io
 
 import pytest
 import torch
 from synthetic import batches, best_cosines, make_planted, single_thread
 
+from sae.checkpoint import load_trainer_state, save_trainer_state
 from sae.config import SAEConfig, TrainConfig
 from sae.model import SparseAutoencoder, geometric_median
 from sae.train import (
@@ -110,7 +111,7 @@ def test_non_finite_loss_names_the_sae(planted):
         trainer.train_step(planted.x[64:128])
 
 
-def test_isolated_failure_stops_only_that_sae_and_survives_resume(planted):
+def test_isolated_failure_stops_only_that_sae_and_survives_resume(planted, tmp_path):
     members = [(SAEConfig(d_in=32, n_latents=64, k=4), TC), (SAEConfig(d_in=32, n_latents=96, k=4), TC)]
     trainer = Trainer(members, isolate_failures=True)
     trainer.train_step(planted.x[:64])
@@ -123,7 +124,8 @@ def test_isolated_failure_stops_only_that_sae_and_survives_resume(planted):
     trainer.train_step(planted.x[128:192])  # SAE 0 goes on; SAE 1 is no longer stepped
     assert trainer.step == 3 and torch.equal(_params(trainer)[1].nan_to_num(), before.nan_to_num())
     resumed = Trainer(members, isolate_failures=True)
-    resumed.load_state_dict(trainer.state_dict())
+    save_trainer_state(trainer.state_dict(), tmp_path)  # the failures dict (int keys) survives the JSON file
+    resumed.load_state_dict(load_trainer_state(tmp_path))
     assert resumed.failures == trainer.failures and resumed.train_step(planted.x[:64])[1] == {}
     bad = planted.x[:64].clone()
     bad[0, 0] = float("nan")
@@ -151,7 +153,7 @@ def _params(trainer):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_state_dict_resume_is_exact(planted, arch):
+def test_state_dict_resume_is_exact(planted, arch, tmp_path):
     members = [(SAEConfig(d_in=32, n_latents=64, k=4, architecture=arch), TC.model_copy(update={"dead_tokens": 512})),
                (SAEConfig(d_in=32, n_latents=64, k=4, partition=(16, 64)), TC)]
     data = list(batches(planted.x[:4096], 128))
@@ -159,11 +161,10 @@ def test_state_dict_resume_is_exact(planted, arch):
     straight.fit(data)
     first = Trainer(members)
     first.fit(data[:16])
-    buf = io.BytesIO()
-    torch.save(first.state_dict(), buf)
-    buf.seek(0)
+    save_trainer_state(first.state_dict(), tmp_path)  # what a trial checkpoint holds: no pickle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer.json", "trainer.safetensors"]  # no temp left
     resumed = Trainer(members)
-    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.load_state_dict(load_trainer_state(tmp_path))
     resumed.fit(data[16:])
     assert resumed.step == straight.step == len(data) and resumed.tokens_seen == straight.tokens_seen
     for a, b in zip(_params(resumed), _params(straight), strict=True):
