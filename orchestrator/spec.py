@@ -70,8 +70,21 @@ class GridSpec(_Strict):
     n_latents: list[int] = Field(min_length=1)
     k: list[int] = Field(min_length=1)
     architecture: list[Literal["topk", "batchtopk"]] = Field(default_factory=lambda: ["topk"], min_length=1)
-    partition: list[Any] = Field(default_factory=lambda: [None], min_length=1)
+    partition: list[Any] = Field(default_factory=lambda: [None], min_length=1,
+                                 description="null (vanilla), 'doubling:G', 'uniform:G', 'fractions:NAME', "
+                                             "'b1,b2,...', a list of boundaries, or a mapping with 'scheme'")
     seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition_types(cls, v: list[Any]) -> list[Any]:
+        for i, p in enumerate(v):
+            ok = p is None or isinstance(p, str | dict) or (
+                isinstance(p, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in p))
+            if not ok:
+                raise ValueError(f"element {i} ({p!r}) must be null, a scheme string such as 'doubling:4', a list "
+                                 "of integer boundaries, or a mapping with 'scheme'")
+        return v
 
 
 class TrainSpec(_Strict):
@@ -206,9 +219,11 @@ class SweepSpec(_Strict):
         for p in self.trial_points():  # a Matryoshka SAE is scored only at its trained boundaries
             inner = [b for b in p["boundaries"] or [] if b < p["n_latents"]]
             if inner and not gs.intersection(inner):
-                raise ValueError(f"eval.granularities {sorted(gs)} hold none of the inner group boundaries {inner} of "
+                source = "eval.granularities" if self.eval.granularities is not None else \
+                    f"the default G (eval.granularities: null keeps G above the largest grid.k, {max(self.grid.k)})"
+                raise ValueError(f"{source} {sorted(gs)} hold none of the inner group boundaries {inner} of "
                                  f"partition {p['partition']} at n_latents={p['n_latents']}, so its prefixes would never "
-                                 "be scored; add some of those boundaries to eval.granularities")
+                                 "be scored; add some of those boundaries to eval.granularities (or lower grid.k)")
             if p["boundaries"] and p["n_latents"] > g0 and g0 not in p["boundaries"]:
                 raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
                                  f"{p['partition']} at n_latents={p['n_latents']} (boundaries {p['boundaries']}), so that "
