@@ -19,8 +19,8 @@ import pytest
 import ray
 
 import orchestrator.lease as lease
-from orchestrator.harvest import HarvestConfig, harvest
-from orchestrator.shards import read_manifest, verify_store
+from orchestrator.harvest import HarvestConfig
+from orchestrator.shards import read_manifest, storage_fs, verify_store
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS, T = 600, 32  # the tiny store of tests/test_harvest.py: 5 shards of 4 contexts
@@ -73,12 +73,42 @@ with lease.acquire(fs, lock, label="writer"):
 print("done", flush=True)
 """
 
+# Takes the lease at argv[1] and says so.
+TAKER = r"""
+import sys
+import orchestrator.lease as lease
+from orchestrator.shards import storage_fs
+lease.POLL_SECONDS = lease.SETTLE_SECONDS = 0.05
+with lease.acquire(storage_fs(sys.argv[1])[0], sys.argv[1], label="taker"):
+    print("acquired", flush=True)
+"""
+
+
+# Claims the lease at argv[2], as a claimant that has just found it absent, after a start barrier: on a local
+# filesystem ("local": a hard link) or on a pyarrow filesystem that is not one ("object-store": write, settle,
+# read back, as on s3://). Prints whether it won.
+CLAIMER = r"""
+import os, sys, time, pathlib
+import pyarrow.fs as pafs
+import orchestrator.lease as lease
+mode, lock, ready, go = sys.argv[1:5]
+fs = pafs.LocalFileSystem() if mode == "local" else pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+record = lease.LeaseRecord(f"pid {os.getpid()}", f"token{os.getpid()}", time.time() + 60)
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.005)
+won = lease._claim(fs, lock if mode == "local" else lock.lstrip("/"), record, absent=True)
+print("won" if won else "lost", record.token, flush=True)
+"""
+
 
 class Proc:
     """A Python child in the repo root whose stdout lines are collected as they come."""
 
     def __init__(self, script: str, *args: str):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if ray.is_initialized():  # a child that harvests drives this module's Ray cluster
+            env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         self.p = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
@@ -158,7 +188,7 @@ def test_two_harvests_at_once_harvest_the_store_once(concurrent):
     assert leftovers(Path(cfg.storage)) == []  # no temp file, and the lock released
 
 
-def test_lease_of_a_killed_holder_is_taken_over(concurrent, tmp_path, monkeypatch, capsys):
+def test_lease_of_a_killed_holder_is_taken_over(concurrent, tmp_path):
     cfg, _, _ = concurrent
     ref = Path(cfg.storage, cfg.key())
     work = tmp_path / "shards" / cfg.key()
@@ -175,10 +205,12 @@ def test_lease_of_a_killed_holder_is_taken_over(concurrent, tmp_path, monkeypatc
     zombie = work / ".tmp-shard-00002.parquet-stalled"
     zombie.write_bytes(b"in progress")
     os.utime(zombie, (expired_at + 0.5, expired_at + 0.5))
-    monkeypatch.setattr(lease, "POLL_SECONDS", 0.1)
-    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.1)
-    assert harvest(config(tmp_path / "shards"), progress=False) == str(work)
-    out = capsys.readouterr().out
+    harvester = Proc(HARVESTER, config(tmp_path / "shards").model_dump_json())
+    try:
+        out = harvester.finish(timeout=60)  # a lease never taken over would block it: a timeout, not a hang
+    finally:
+        harvester.kill()
+    assert harvester.p.returncode == 0 and out.splitlines()[-1] == f"result {work}", out
     assert f"took over {lock} from {socket.gethostname()} pid {doomed.p.pid}, whose lease lapsed" in out
     assert read_manifest(str(work)).shards == read_manifest(str(ref)).shards
     verify_store(str(work))
@@ -215,3 +247,43 @@ def test_live_holders_temp_file_survives_and_a_stale_one_goes(concurrent, tmp_pa
     assert read_manifest(str(work)).shards == read_manifest(str(ref)).shards
     verify_store(str(work))
     assert leftovers(tmp_path) == []  # the stale temp file removed, the lock released
+
+
+def test_a_held_lease_is_renewed_past_its_length(tmp_path):
+    lock = str(tmp_path / "key.lock")
+    held = lease.acquire(storage_fs(lock)[0], lock, label="holder", lease_seconds=0.6)
+    taker = None
+    try:
+        time.sleep(1.5)  # 2.5 lease lengths: only renewal keeps it live
+        record = json.loads(Path(lock).read_text())
+        assert record["token"] == held.record.token and record["expires"] > time.time()
+        taker = Proc(TAKER, lock)
+        assert taker.wait_for(f"waiting for {socket.gethostname()} pid {os.getpid()}"), taker.lines
+        time.sleep(1.0)
+        assert taker.p.poll() is None and held.lost is None  # still waiting, not taken over
+    finally:
+        held.release()
+    try:
+        assert taker.wait_for("acquired", timeout=30), taker.lines  # and it gets the lease once released
+        assert taker.finish() and taker.p.returncode == 0
+    finally:
+        taker.kill()
+    assert not Path(lock).exists()
+
+
+@pytest.mark.parametrize("mode", ["local", "object-store"])
+def test_racing_claims_have_one_winner(mode, tmp_path):
+    n = 3
+    lock = tmp_path / "key.lock"
+    claimers = [Proc(CLAIMER, mode, str(lock), str(tmp_path / f"ready{i}"), str(tmp_path / "go")) for i in range(n)]
+    try:
+        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
+            assert all(c.p.poll() is None for c in claimers), [c.lines for c in claimers]
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outs = [c.finish(timeout=60).split() for c in claimers]
+    finally:
+        for c in claimers:
+            c.kill()
+    assert sorted(o[0] for o in outs) == ["lost"] * (n - 1) + ["won"], outs
+    assert json.loads(lock.read_text())["token"] == next(o[1] for o in outs if o[0] == "won")
