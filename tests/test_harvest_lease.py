@@ -275,7 +275,8 @@ def test_a_held_lease_is_renewed_past_its_length(tmp_path):
 def test_racing_claims_have_one_winner(mode, tmp_path):
     n = 3
     lock = tmp_path / "key.lock"
-    claimers = [Proc(CLAIMER, mode, str(lock), str(tmp_path / f"ready{i}"), str(tmp_path / "go")) for i in range(n)]
+    go = str(tmp_path / "go")
+    claimers = [Proc(CLAIMER, mode, str(lock), str(tmp_path / f"ready{i}"), go) for i in range(n)]
     try:
         while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
             assert all(c.p.poll() is None for c in claimers), [c.lines for c in claimers]
