@@ -9,7 +9,11 @@ the object store, so the pipeline costs little more than the forward passes them
 Reuse and resume: `<storage>/<key>/manifest.json` marks a complete store (returned at once, no LM work);
 otherwise every shard whose file and sidecar exist and whose sha256 verifies is kept and only the rest is run.
 The shard plan (contexts per shard) is fixed in plan.json by the first attempt, so a resume cuts identical shards.
-Do not run two harvests of the same key at once.
+
+Concurrency: a harvest holds the lease `<storage>/<key>.lock` (orchestrator.lease) from its first write to its
+manifest. A second harvest of the key (another sweep of the same spec) waits for it and then reuses the complete
+store; a holder that crashed is taken over once its lease lapses. Temp files are cleaned up only by the holder,
+and only those no live writer can still be writing (Lease.stale_before).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pyarrow.fs as pafs
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from orchestrator.lease import Lease, acquire
 from orchestrator.shards import (
     MANIFEST,
     PLAN,
@@ -241,6 +246,7 @@ def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
     """Harvest cfg's activations into <storage>/<key>/ and return that store's path (or URI).
 
     A complete store is returned without touching the LM; an interrupted one resumes from its verified shards.
+    While another process harvests the same key, this one waits for it and then returns its store.
     """
     fs, root = storage_fs(cfg.storage)
     key = cfg.key()
@@ -249,9 +255,32 @@ def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
     if _complete(fs, path) is not None:
         log.info("harvest %s: reusing complete store %s", key, store)
         return store
-    t_start = time.perf_counter()
     info = describe_model(cfg.model, revision=cfg.revision)
     check_site(cfg.site, info.n_layers, cfg.model)
+    with acquire(fs, f"{path}.lock", label=f"harvest {key}") as lease:
+        if _complete(fs, path) is not None:  # the holder we waited for finished it
+            print(f"harvest {key}: reusing complete store {store}, harvested meanwhile by another process",
+                  flush=True)
+            return store
+        _harvest_held(cfg, fs, path, store, key, info, lease, progress)
+    return store
+
+
+def _remove_stale_temps(fs: Any, path: str, lease: Lease) -> None:
+    """Delete the `.tmp-*` leftovers of writes cut short, but only those no live writer can still be writing:
+    older than a lease, or left by the holder whose lapsed lease this one took over. Called before this
+    holder's own writes start, so a fresh temp file is another process's write in progress."""
+    cutoff = lease.stale_before()
+    for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if f.base_name.startswith(".tmp-") and f.mtime_ns is not None and f.mtime_ns / 1e9 < cutoff:
+            log.info("removing stale temp file %s", f.path)
+            fs.delete_file(f.path)
+
+
+def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, info: Any, lease: Lease,
+                  progress: bool) -> None:
+    """The harvest proper, run while holding the key's lease."""
+    t_start = time.perf_counter()
     from sae.corpus import load_corpus, tokenize_contexts
 
     corpus = load_corpus(cfg.corpus, split=cfg.corpus_split, text_column=cfg.text_column,
@@ -264,9 +293,7 @@ def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
     n_shards = math.ceil(len(ctx) / per)
     labels = sorted(set(ctx.doc_labels.values()))
     label_of = {d: labels.index(lab) for d, lab in ctx.doc_labels.items()}
-    for stale in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if stale.base_name.startswith(".tmp-"):
-            fs.delete_file(stale.path)  # leftovers of writes cut short
+    _remove_stale_temps(fs, path, lease)
     done = {i: s for i in range(n_shards) if (s := _verified_sidecar(fs, path, i)) is not None}
     todo = [i for i in range(n_shards) if i not in done]
     log.info("harvest %s: %d contexts in %d shards, %d already complete, %d to run",
@@ -285,7 +312,6 @@ def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
         config={**cfg.model_dump(), "content": cfg.content_fields()})
     write_manifest(store, manifest)
     log.info("harvest %s: %d tokens in %.1fs -> %s", key, total, time.perf_counter() - t_start, store)
-    return store
 
 
 def _run_actors(cfg: HarvestConfig, store: str, path: str, ctx: Any, todo: list[int], per: int, span: int,

@@ -11,6 +11,9 @@ A store is `<storage>/<key>/` on any filesystem pyarrow can open (local folder, 
                             written after its shard: a shard without one is incomplete
     manifest.json           written last: the store is complete only when it exists
 
+Beside it, `<storage>/<key>.lock` is the lease of the harvest writing the store (orchestrator/lease.py); it
+exists only while a harvest runs, or after one crashed until the next takes it over.
+
 Every file is written to a temp name and renamed. Readers check each shard's sha256 and shape as they load it
 and stream a bounded buffer of shards, so memory stays flat however large the store grows.
 """

@@ -102,6 +102,8 @@ def test_interrupted_and_corrupted_harvest_resumes_to_the_same_shards(store, tmp
     for name in ("manifest.json", "shard-00004.parquet", "shard-00004.json", "shard-00003.json"):
         (work / name).unlink()
     (work / ".tmp-shard-00004.parquet-abc").write_bytes(b"partial")
+    old = time.time() - 3600  # cut short by a crash long ago: older than a lease, so nobody can still write it
+    os.utime(work / ".tmp-shard-00004.parquet-abc", (old, old))
     # and a shard corrupted on disk: the reader names it and says how to fix it
     data = bytearray((work / "shard-00002.parquet").read_bytes())
     data[len(data) // 2] ^= 0xFF
