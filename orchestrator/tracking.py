@@ -9,8 +9,11 @@ on the parent, the trial key on each child), which is what makes `--resume` reus
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +43,38 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while a client opens it. MLflow creates and migrates a new
+    store's tables on first open, and two processes doing that at once fail ("duplicate column name"); the
+    experiment, too, would be created twice. Other stores (a server, a database) serialise this themselves."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Thin, explicit wrapper over MlflowClient for this project's run layout."""
 
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            root = _artifact_root(tracking_uri)
-            location = f"{root}/{experiment}" if root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        with _sqlite_init_lock(tracking_uri):  # two sweeps started at once: one creates the schema and experiment
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                root = _artifact_root(tracking_uri)
+                location = f"{root}/{experiment}" if root else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
 
     # ---- runs ------------------------------------------------------------------------------------------------
     def _find(self, filter_string: str) -> str | None:

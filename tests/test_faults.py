@@ -89,3 +89,28 @@ def test_driver_killed_then_resumed_gives_one_finished_run_per_point(tmp_path, i
     after = {r.info.run_id: r.info.end_time for r in trials}
     assert all(after[rid] == end for rid, end in finished_before.items())  # finished points were not redone
     assert parents[0].data.metrics["trials_finished"] == len(spec.trial_points())  # the frontier is complete
+
+
+def test_two_sweeps_of_one_spec_at_once_share_one_harvest_and_keep_their_own_runs(tmp_path):
+    """Both finish; the shared store is harvested once (the second harvest waits on the first's lease and reuses
+    the store); each sweep has its own name and parent run, and one run per grid point under it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec("smoke")
+    args = [sys.executable, str(ROOT / "sweeps" / "frontier.py"), "--spec", "smoke", "--tracking-uri", uri,
+            "--storage", str(tmp_path / "shards")]
+    env = {**os.environ, "SAE_FRONTIER_HOME": str(tmp_path)}
+    sweeps = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outs = [p.communicate(timeout=1200)[0] for p in sweeps]
+    assert [p.returncode for p in sweeps] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    # one sweep harvests the train and the eval store, the other waits on each lease and reuses the store
+    assert sum(o.count("harvested meanwhile by another process") for o in outs) == 2, "\n\n".join(outs)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    parents = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'sweep'")
+    assert len(parents) == 2 and len({p.info.run_name for p in parents}) == 2
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(r.data.tags["sae_frontier.point_key"] for r in runs) == \
+            sorted(p["trial_key"] for p in spec.trial_points())
