@@ -35,7 +35,7 @@ def _children(uri: str, experiment: str, status: str | None = None) -> list:
 
 
 def _mid_harvest(home: Path, uri: str, experiment: str) -> bool:
-    stores = list((home / "shards").glob("*.train.*"))
+    stores = [p for p in (home / "shards").glob("*.train.*") if p.is_dir()]  # not the <key>.lock beside it
     return bool(stores) and any(stores[0].glob("shard-*")) and not (stores[0] / "manifest.json").exists()
 
 

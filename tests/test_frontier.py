@@ -203,7 +203,7 @@ def _sweep(tracker: Tracker, name: str, activations: dict, children: dict[str, t
     """A parent and its finished children; curve keys are the contract's, stored as MLflow accepts them."""
     parent = tracker.parent_run(name, name=name, spec_hash="h", spec_yaml="", params={"spec": name, **activations})
     for run_name, (params, curves) in children.items():
-        run = tracker.child_run(parent, f"{name}-{run_name}", name=run_name, params=params, tags={})
+        run = tracker.child_run(parent, f"{name}-{run_name}", tune_trial=run_name, name=run_name, params=params)
         tracker.log_curves(run, curves)
         tracker.log_metrics(run, {"power_law/exponent": 1.1, "fvu": 0.1})  # final metrics: not curve points
         tracker.log_curves(run, {"spectrum/eigenvalue": [[1, 3.0], [2, 1.0]], "train/prefix_fvu/64": [[100, 0.2]]})
