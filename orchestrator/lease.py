@@ -148,6 +148,29 @@ class Lease:
         self.release()
 
 
+def _holder_is_dead(record: LeaseRecord) -> bool:
+    """True when the holder ran on this host and its process is gone (a SIGKILLed driver): its lease need not be
+    waited out. A holder on another host can only be judged by its expiry."""
+    host, _, pid = record.holder.partition(" pid ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def live_holder(fs: pafs.FileSystem, path: str) -> LeaseRecord | None:
+    """The record of whoever holds the lease at `path` now; None if nobody does (absent, lapsed or dead)."""
+    current = _read(fs, path)
+    if current is None or current.expires <= time.time() or _holder_is_dead(current):
+        return None
+    return current
+
+
 def acquire(fs: pafs.FileSystem, path: str, *, label: str, lease_seconds: float | None = None) -> Lease:
     """Hold the lease at `path`, waiting (a line says who holds it) while another holder's lease is live and
     taking it over once it lapses. `label` names the work in those lines, e.g. "harvest <key>"."""
@@ -157,7 +180,7 @@ def acquire(fs: pafs.FileSystem, path: str, *, label: str, lease_seconds: float 
     announced = ""
     while True:
         current = _read(fs, path)
-        if current is not None and current.expires > time.time():
+        if current is not None and current.expires > time.time() and not _holder_is_dead(current):
             if current.token != announced:
                 announced = current.token
                 until = time.strftime("%H:%M:%S", time.localtime(current.expires))
@@ -168,6 +191,7 @@ def acquire(fs: pafs.FileSystem, path: str, *, label: str, lease_seconds: float 
         record = LeaseRecord(holder, secrets.token_hex(8), time.time() + lease_seconds)
         if _claim(fs, path, record, absent=current is None):
             if current is not None:
-                _say(f"{label}: took over {path} from {current.holder}, whose lease lapsed "
-                     f"{time.time() - current.expires:.0f}s ago")
+                why = "which is no longer running" if current.expires > time.time() else \
+                    f"whose lease lapsed {time.time() - current.expires:.0f}s ago"
+                _say(f"{label}: took over {path} from {current.holder}, {why}")
             return Lease(fs, path, record, lease_seconds, taken_over=current)

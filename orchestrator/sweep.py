@@ -32,6 +32,7 @@ from orchestrator.frontier import (
     save_figure,
 )
 from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.lease import acquire, live_holder
 from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, trial_memory
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
@@ -164,32 +165,65 @@ def code_commit() -> str:
         return "unknown"
 
 
-def _experiment_dir_name(spec: SweepSpec, search: str, resume: bool) -> str:
-    """A fresh sweep gets a new name; --resume continues the last one of this spec and search.
-
-    The name of the last one is kept in <results_path>/<spec>.<search>.latest (a local path or any URI).
-    """
+def _sweep_name(spec: SweepSpec, search: str, resume: bool | str) -> str:
+    """A fresh sweep gets a new name; --resume continues the last one of this spec and search (the name kept in
+    <results_path>/<spec>.<search>.latest), or the one it names. A name becomes a path under results_path, so
+    only names of this spec's sweeps are accepted."""
+    pattern = rf"{re.escape(spec.name)}-{search}-\d{{8}}-\d{{6}}(-[0-9a-f]{{6}})?"
+    if isinstance(resume, str):
+        if not re.fullmatch(pattern, resume):
+            raise ValueError(f"--resume {resume[:80]!r} is not a {search} sweep of spec {spec.name!r} "
+                             f"(<spec>-{search}-<date>-<time>-<suffix>, as in the sweep's parent run name)")
+        return resume
     fs, root = storage_fs(resolve_path(spec.results_path))
-    latest = f"{root.rstrip('/')}/{spec.name}.{search}.latest"
+    latest = _latest_path(root, spec, search)
     if resume:
         if not exists(fs, latest):
             raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {spec.results_path}")
         name = read_bytes(fs, latest).decode(errors="replace").strip()
-        pattern = rf"{re.escape(spec.name)}-{search}-\d{{8}}-\d{{6}}(-[0-9a-f]{{6}})?"
-        if not re.fullmatch(pattern, name):  # it becomes a path under results_path: never follow anything else
+        if not re.fullmatch(pattern, name):
             raise ValueError(f"--resume: {latest} names {name[:80]!r}, not a sweep of spec {spec.name!r} "
                              f"(<spec>-{search}-<date>-<time>-<suffix>); delete the file and start a new sweep")
         return name
     # a random suffix: two sweeps of one spec started in the same second still get two names
-    name = f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    fs.create_dir(root, recursive=True)
+    return f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _latest_path(root: str, spec: SweepSpec, search: str) -> str:
+    return f"{root.rstrip('/')}/{spec.name}.{search}.latest"
+
+
+def _point_latest_at(spec: SweepSpec, search: str, name: str, log) -> None:
+    """Make .latest name this sweep, unless it names another sweep of the spec that is still running (its
+    lease is held): --resume would otherwise continue this one in its place."""
+    fs, root = storage_fs(resolve_path(spec.results_path))
+    latest = _latest_path(root, spec, search)
+    if exists(fs, latest):
+        other = read_bytes(fs, latest).decode(errors="replace").strip()
+        if other != name and re.fullmatch(r"[A-Za-z0-9_.-]+", other) and live_holder(fs, f"{root}/{other}.lock"):
+            log(f"[sweep] {latest} keeps naming {other}, which is still running; resume this sweep with "
+                f"--resume {name}")
+            return
     write_atomic(fs, latest, name.encode())
-    return name
 
 
 def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = None,
-              resume: bool = False, log=print) -> SweepOutcome:
-    name = _experiment_dir_name(spec, search, resume)  # fails now, not after the harvest, if nothing to resume
+              resume: bool | str = False, log=print) -> SweepOutcome:
+    """Harvest, run the grid (or an Optuna study) through Ray Tune, track it in MLflow and compute the frontier.
+
+    One driver per sweep: the sweep's lease (<results_path>/<name>.lock, orchestrator.lease) is held while it
+    runs, so a second --resume of a running sweep waits for it, and a dead driver's lease is taken over at once.
+    """
+    name = _sweep_name(spec, search, resume)  # fails now, not after the harvest, if nothing to resume
+    fs, root = storage_fs(resolve_path(spec.results_path))
+    fs.create_dir(root, recursive=True)
+    with acquire(fs, f"{root}/{name}.lock", label=f"sweep {name}"):
+        if not resume:
+            _point_latest_at(spec, search, name, log)
+        return _run_named(spec, name, search, trials, bool(resume), log)
+
+
+def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resume: bool, log) -> SweepOutcome:
     tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
     if resume:
         tracker.check_resumable(name, spec.spec_hash())

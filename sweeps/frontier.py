@@ -3,7 +3,7 @@
     python sweeps/frontier.py [--spec sweeps/specs/default.yaml]            # one machine (starts a local Ray)
     ray job submit --working-dir . -- python sweeps/frontier.py --spec ...  # any Ray cluster
     python sweeps/frontier.py --search optuna --trials 8                    # an Optuna study instead of the grid
-    python sweeps/frontier.py --resume                                      # continue the last interrupted sweep
+    python sweeps/frontier.py --resume [SWEEP]                              # continue the last (or that) sweep
     python sweeps/frontier.py --compare EXP [EXP ...]                       # frontiers of earlier sweeps, no training
 """
 
@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec", default=str(SPEC_DIR / "default.yaml"), help="spec YAML (or a name in sweeps/specs)")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid")
     p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: the spec's optuna.trials)")
-    p.add_argument("--resume", action="store_true", help="continue the last sweep of this spec (Tuner.restore)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="SWEEP",
+                   help="continue the last sweep of this spec, or the sweep named SWEEP (its parent run's name)")
     p.add_argument("--compare", nargs="+", metavar="EXPERIMENT", help="draw the frontiers of these MLflow experiments")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, sqlite)")
     p.add_argument("--storage", default=None, help="shard store path or URI every node can reach (overrides the spec)")

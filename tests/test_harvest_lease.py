@@ -211,7 +211,8 @@ def test_lease_of_a_killed_holder_is_taken_over(concurrent, tmp_path):
     finally:
         harvester.kill()
     assert harvester.p.returncode == 0 and out.splitlines()[-1] == f"result {work}", out
-    assert f"took over {lock} from {socket.gethostname()} pid {doomed.p.pid}, whose lease lapsed" in out
+    # same host, process gone: taken over at once ("no longer running"), else once the lease lapsed
+    assert f"took over {lock} from {socket.gethostname()} pid {doomed.p.pid}, " in out
     assert read_manifest(str(work)).shards == read_manifest(str(ref)).shards
     verify_store(str(work))
     assert not Path(lock).exists()
@@ -288,3 +289,19 @@ def test_racing_claims_have_one_winner(mode, tmp_path):
             c.kill()
     assert sorted(o[0] for o in outs) == ["lost"] * (n - 1) + ["won"], outs
     assert json.loads(lock.read_text())["token"] == next(o[1] for o in outs if o[0] == "won")
+
+
+def test_a_dead_holder_on_this_host_is_not_waited_for(tmp_path):
+    """A SIGKILLed driver's lease is taken over at once on its own host (its pid is gone), not after the lease;
+    a live holder (this process) still counts."""
+    lock = str(tmp_path / "sweep.lock")
+    fs = storage_fs(lock)[0]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = lease.LeaseRecord(f"{socket.gethostname()} pid {int(gone.stdout)}", "t0", time.time() + 600)
+    Path(lock).write_text(json.dumps({"holder": dead.holder, "token": dead.token, "expires": dead.expires}))
+    assert lease.live_holder(fs, lock) is None
+    t0 = time.perf_counter()
+    with lease.acquire(fs, lock, label="resume", lease_seconds=600) as held:
+        assert time.perf_counter() - t0 < 5 and held.taken_over == dead
+        assert lease.live_holder(fs, lock) == held.record  # this process: alive
+    assert lease.live_holder(fs, lock) is None

@@ -89,16 +89,28 @@ def test_cli_rejects_bad_spec_before_ray_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
 
 
-def test_sweep_names_are_unique_and_resume_follows_only_a_sweep_name(tmp_path):
-    from orchestrator.sweep import _experiment_dir_name
+def test_sweep_names_are_unique_and_latest_never_points_away_from_a_running_sweep(tmp_path):
+    import pyarrow.fs as pafs
+
+    from orchestrator.lease import acquire
+    from orchestrator.sweep import _point_latest_at, _sweep_name
 
     spec = load_spec("smoke", {"results_path": str(tmp_path)})
-    first, second = _experiment_dir_name(spec, "grid", False), _experiment_dir_name(spec, "grid", False)
+    first, second = _sweep_name(spec, "grid", False), _sweep_name(spec, "grid", False)
     assert first != second and first.startswith("smoke-grid-")  # same second, still two names
-    assert _experiment_dir_name(spec, "grid", True) == second
+    _point_latest_at(spec, "grid", first, print)
+    assert _sweep_name(spec, "grid", True) == first
+    said: list[str] = []
+    with acquire(pafs.LocalFileSystem(), f"{tmp_path}/{first}.lock", label="test"):  # `first` is running
+        _point_latest_at(spec, "grid", second, said.append)
+        assert _sweep_name(spec, "grid", True) == first and f"--resume {second}" in said[0]
+    _point_latest_at(spec, "grid", second, said.append)  # `first` has ended: the pointer moves on
+    assert _sweep_name(spec, "grid", True) == second and _sweep_name(spec, "grid", first) == first
+    with pytest.raises(ValueError, match=r"--resume '\.\./x' is not a grid sweep of spec 'smoke'"):
+        _sweep_name(spec, "grid", "../x")
     (tmp_path / "smoke.grid.latest").write_text("../../etc")
     with pytest.raises(ValueError, match=r"smoke\.grid\.latest names '\.\./\.\./etc', not a sweep"):
-        _experiment_dir_name(spec, "grid", True)
+        _sweep_name(spec, "grid", True)
 
 
 @pytest.mark.parametrize("override, field", [
