@@ -35,8 +35,9 @@ def _children(uri: str, experiment: str, status: str | None = None) -> list:
 
 
 def _mid_harvest(home: Path, uri: str, experiment: str) -> bool:
+    # the plan is written before the first shard (the smoke store is a single shard: waiting for it races)
     stores = [p for p in (home / "shards").glob("*.train.*") if p.is_dir()]  # not the <key>.lock beside it
-    return bool(stores) and any(stores[0].glob("shard-*")) and not (stores[0] / "manifest.json").exists()
+    return bool(stores) and (stores[0] / "plan.json").exists() and not (stores[0] / "manifest.json").exists()
 
 
 def _mid_trial(home: Path, uri: str, experiment: str) -> bool:
@@ -61,7 +62,7 @@ def test_driver_killed_then_resumed_gives_one_finished_run_per_point(tmp_path, i
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None and not instant(tmp_path, uri, spec.experiment_name):
         time.sleep(0.2)
-    assert driver.poll() is None, "the sweep ended before the instant to kill it at"
+    assert driver.poll() is None, "the sweep ended before the instant to kill it at:\n" + driver.stdout.read()[-3000:]
     ray_processes = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGKILL)
     driver.communicate(timeout=60)
