@@ -48,6 +48,7 @@ from orchestrator.shards import (
     write_manifest,
     write_shard,
 )
+from sae.corpus import CorpusOptions, TextUnit, options_key
 from sae.lm import (
     SITE_KINDS,
     check_site,
@@ -58,6 +59,7 @@ from sae.lm import (
     load_tokenizer,
 )
 from sae.lm import resolve_revision as _resolve_revision
+from sae.messages import name_list
 
 log = logging.getLogger(__name__)
 DType = Literal["float32", "float16", "bfloat16"]
@@ -85,6 +87,8 @@ class HarvestConfig(BaseModel):
     corpus_split: str = "train"
     text_column: str = "text"
     label_column: str | None = None
+    text_unit: TextUnit = CorpusOptions.model_fields["text_unit"].default
+    corpus_field: str | None = CorpusOptions.model_fields["corpus_field"].default
     split: Literal["train", "eval"] = "train"
     eval_fraction: float = 0.1
     seed: int = 0
@@ -111,7 +115,7 @@ class HarvestConfig(BaseModel):
         if kind not in SITE_KINDS or not self.site.rpartition(".")[2].isdigit():
             raise ValueError(f"site must be one of {{{', '.join(SITE_KINDS)}}}.L, got {self.site!r}")
         if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {name_list(STORAGE_DTYPES)}, got {self.dtype!r}")
         for name in ("tokens", "num_actors", "batch_size", "shard_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -125,15 +129,23 @@ class HarvestConfig(BaseModel):
                 raise ValueError(f"{name} must be >= 0 (or null for automatic), got {v}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ValueError(f"torch_threads must be positive (or null for automatic), got {self.torch_threads}")
+        self.corpus_options()  # refuses a malformed corpus_field here, not at the first key()
         return self
 
     def content_fields(self) -> dict[str, Any]:
-        """Everything that decides the stored values (not resources, not storage, not shard size)."""
+        """Everything that decides the stored values (not resources, not storage, not shard size). The corpus
+        options appear only off their defaults (and always for .txt corpora), so older keys still hold:
+        sae.corpus.options_key."""
         return {"model": self.model, "revision": _resolve_revision(self.model, self.revision), "site": self.site,
                 "corpus": self.corpus, "corpus_subset": self.corpus_subset, "corpus_split": self.corpus_split,
                 "text_column": self.text_column, "label_column": self.label_column, "split": self.split,
                 "eval_fraction": self.eval_fraction, "seed": self.seed, "tokens": self.tokens,
-                "context_length": self.context_length, "dtype": self.dtype, "lm_dtype": self.lm_dtype}
+                "context_length": self.context_length, "dtype": self.dtype, "lm_dtype": self.lm_dtype,
+                **options_key(self.corpus, self.corpus_options())}
+
+    def corpus_options(self) -> CorpusOptions:
+        """The library's CorpusOptions for these settings (sae.corpus owns their meaning and defaults)."""
+        return CorpusOptions(text_unit=self.text_unit, corpus_field=self.corpus_field)
 
     def key(self) -> str:
         """Readable prefix + sha256 of content_fields(), e.g. smollm2-135m.resid_post.15.train.3f2a...."""
@@ -284,7 +296,7 @@ def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, 
     from sae.corpus import load_corpus, tokenize_contexts
 
     corpus = load_corpus(cfg.corpus, split=cfg.corpus_split, text_column=cfg.text_column,
-                         label_column=cfg.label_column, subset=cfg.corpus_subset)
+                         label_column=cfg.label_column, subset=cfg.corpus_subset, options=cfg.corpus_options())
     ctx = tokenize_contexts(corpus, load_tokenizer(cfg.model, revision=cfg.revision),
                             context_length=cfg.context_length, max_tokens=cfg.tokens, split=cfg.split,
                             eval_fraction=cfg.eval_fraction, seed=cfg.seed)

@@ -29,6 +29,7 @@ from sae.lm import ModelInfo
 GB = 1 << 30
 TRACKING_TIMEOUT_S = 10.0
 DEFAULT_SHARD_ROWS = 16384  # orchestrator.harvest.HarvestConfig.shard_rows: the shard buffer of a trial
+_CORPUS_FIELDS = {"corpus", "text_column", "label_column", "text_unit", "corpus_field"}
 STORE_OVERHEAD = 1.1  # token ids, labels, manifest and Arrow framing on top of the activations
 
 
@@ -57,7 +58,9 @@ def preflight(spec: SweepSpec, log=print) -> None:
 
 
 def check_model_and_corpus(spec: SweepSpec) -> ModelInfo:
-    """An unknown model, a layer out of range, a missing text column or an empty corpus, with the field named."""
+    """An unknown model, a layer out of range, a missing text or label column, a corpus_field that is not in the
+    file, or an empty corpus, with the field named (the corpus is read with the spec's text_unit and corpus_field,
+    as the harvest will read it)."""
     from sae.corpus import load_corpus
     from sae.lm import describe_model
 
@@ -70,9 +73,10 @@ def check_model_and_corpus(spec: SweepSpec) -> ModelInfo:
                         f"0..{info.n_layers - 1})")
     try:
         corpus = load_corpus(spec.corpus, split=spec.corpus_split, text_column=spec.text_column,
-                             label_column=spec.label_column)
+                             label_column=spec.label_column, options=spec.corpus_options())
     except (OSError, ValueError) as err:
-        raise SpecError(f"corpus: {err}") from None
+        msg = str(err)  # sae.corpus names the field at fault when it is not `corpus` itself
+        raise SpecError(msg if msg.split(":", 1)[0] in _CORPUS_FIELDS else f"corpus: {msg}") from None
     if len(corpus) == 0:
         raise SpecError(f"corpus: {spec.corpus!r} (split {spec.corpus_split!r}) is empty")
     return info

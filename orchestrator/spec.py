@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae.config import AuxLoss, ComputeDType, SAEConfig, TrainConfig
+from sae.corpus import CorpusOptions, TextUnit, default_label_column
 from sae.evaluate import PRIMARY_RULE, EvalOptions
 from sae.matryoshka import partition_label, resolve_partition
+from sae.messages import name_list
 from sae.prune import RULES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +164,12 @@ class SweepSpec(_Strict):
     corpus: str = "wiki-extracts"
     corpus_split: str = "train"
     text_column: str = "text"
-    label_column: str | None = "topic"
+    label_column: str | None = Field(None, description="the column of per-document labels the probes predict; "
+                                                       "left out: the corpus's own (wiki-extracts: topic), else none")
+    text_unit: TextUnit = Field(CorpusOptions.model_fields["text_unit"].default,
+                                description=CorpusOptions.model_fields["text_unit"].description)
+    corpus_field: str | None = Field(CorpusOptions.model_fields["corpus_field"].default,
+                                     description=CorpusOptions.model_fields["corpus_field"].description)
     context_length: int = Field(128, ge=8)
     train_tokens: int = Field(ge=1)
     eval_tokens: int = Field(ge=1)
@@ -179,6 +186,25 @@ class SweepSpec(_Strict):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     optuna: OptunaSpec = OptunaSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_label_column(cls, raw: Any) -> Any:
+        """A spec that leaves label_column out gets its corpus's own (sae.corpus.default_label_column), so the
+        value the spec stores, hashes and keys its stores by is the one the harvest uses."""
+        if isinstance(raw, dict) and "label_column" not in raw:
+            corpus = raw.get("corpus", cls.model_fields["corpus"].default)
+            if isinstance(corpus, str):
+                return {**raw, "label_column": default_label_column(corpus)}
+        return raw
+
+    @field_validator("corpus_field")
+    @classmethod
+    def _corpus_field(cls, v: str | None) -> str | None:
+        try:
+            return CorpusOptions(corpus_field=v).corpus_field
+        except ValidationError as err:
+            raise ValueError(_first_message(err).removeprefix("corpus_field: ")) from None
 
     @field_validator("name")
     @classmethod
@@ -208,11 +234,11 @@ class SweepSpec(_Strict):
         if self.eval.granularities is not None:
             bad = [g for g in self.eval.granularities if g < 2 or g > max(self.grid.n_latents)]
             if bad:
-                raise ValueError(f"eval.granularities must lie in 2..max(grid.n_latents), got {bad}")
+                raise ValueError(f"eval.granularities must lie in 2..max(grid.n_latents), got {name_list(bad)}")
         g0 = self.objective_granularity()
         if g0 not in self.granularities():
             raise ValueError(f"optuna.objective_granularity ({g0}, default: the smallest n_latents) must be one of "
-                             f"the evaluated G {self.granularities()}; set it, or add it to eval.granularities")
+                             f"the evaluated G {name_list(self.granularities())}; set it, or add it to eval.granularities")
         if g0 > min(self.grid.n_latents):
             raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
         gs = set(self.granularities())
@@ -221,13 +247,15 @@ class SweepSpec(_Strict):
             if inner and not gs.intersection(inner):
                 source = "eval.granularities" if self.eval.granularities is not None else \
                     f"the default G (eval.granularities: null keeps G above the largest grid.k, {max(self.grid.k)})"
-                raise ValueError(f"{source} {sorted(gs)} hold none of the inner group boundaries {inner} of "
-                                 f"partition {p['partition']} at n_latents={p['n_latents']}, so its prefixes would never "
-                                 "be scored; add some of those boundaries to eval.granularities (or lower grid.k)")
+                raise ValueError(f"{source} {name_list(sorted(gs))} hold none of the inner group boundaries "
+                                 f"{name_list(inner)} of partition {p['partition']} at n_latents={p['n_latents']}, so "
+                                 "its prefixes would never be scored; add some of those boundaries to "
+                                 "eval.granularities (or lower grid.k)")
             if p["boundaries"] and p["n_latents"] > g0 and g0 not in p["boundaries"]:
                 raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
-                                 f"{p['partition']} at n_latents={p['n_latents']} (boundaries {p['boundaries']}), so that "
-                                 "SAE has no prefix there to score; set optuna.objective_granularity to a shared boundary")
+                                 f"{p['partition']} at n_latents={p['n_latents']} (boundaries "
+                                 f"{name_list(p['boundaries'])}), so that SAE has no prefix there to score; set "
+                                 "optuna.objective_granularity to a shared boundary")
         if self.resources.pack == "auto" and self.resources.gpus > 0 and self.resources.memory_gb is None:
             raise ValueError("resources.pack: 'auto' on GPUs needs resources.memory_gb (the GPU memory a trial may "
                              "use); the driver cannot see the workers' GPUs")
@@ -256,7 +284,14 @@ class SweepSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Fields added after sweeps had been run (ADDED_FIELDS) count only off their defaults, so a sweep started
+        before they existed still matches its spec on --resume."""
+        unset = {f for f in ADDED_FIELDS if getattr(self, f) == type(self).model_fields[f].default}
+        return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
+
+    def corpus_options(self) -> CorpusOptions:
+        """The library's CorpusOptions for these settings (sae.corpus owns the meaning of each)."""
+        return CorpusOptions(text_unit=self.text_unit, corpus_field=self.corpus_field)
 
     def trial_points(self) -> list[dict[str, Any]]:
         """Every grid combination as a plain dict (the Tune config of one trial), validated."""
@@ -290,6 +325,9 @@ class SweepSpec(_Strict):
             dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
             encoder_init_norm=t.encoder_init_norm,
         )
+
+
+ADDED_FIELDS = ("text_unit", "corpus_field")  # see SweepSpec.spec_hash
 
 
 def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> dict[str, Any]:
@@ -381,7 +419,8 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     if not p.exists() and not p.suffix and (SPEC_DIR / f"{p}.yaml").exists():
         p = SPEC_DIR / f"{p}.yaml"
     if not p.exists():
-        raise SpecError(f"spec file {str(path)!r} does not exist; available: {sorted(x.stem for x in SPEC_DIR.glob('*.yaml'))}")
+        raise SpecError(f"spec file {str(path)!r} does not exist; available: "
+                        f"{name_list(sorted(x.stem for x in SPEC_DIR.glob('*.yaml')))}")
     try:
         raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:

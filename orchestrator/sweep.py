@@ -129,7 +129,7 @@ def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:
         context_length=spec.context_length, dtype=spec.activation_dtype, storage=resolve_path(spec.storage),
         num_actors=h.num_actors, num_gpus_per_actor=h.num_gpus_per_actor, num_cpus_per_actor=h.num_cpus_per_actor,
         batch_size=h.batch_size, lm_dtype=spec.lm_dtype, corpus_split=spec.corpus_split,
-        eval_fraction=spec.eval_fraction,
+        eval_fraction=spec.eval_fraction, text_unit=spec.text_unit, corpus_field=spec.corpus_field,
     )
 
 

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sae.corpus import doc_split, load_corpus, tokenize_contexts
+from sae.corpus import CorpusOptions, doc_split, load_corpus, options_key, split_units, tokenize_contexts
 from sae.lm import load_tokenizer
+from sae.messages import name_list
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_local_files(tmp_path, tok):
         ds = load_corpus(str(path), text_column="body", label_column="cat")
         assert len(ds) == 20 and set(ds["label"]) == {"c0", "c1"}
     txt = load_corpus(str(tmp_path / "t"))
-    assert len(txt) == 20 and set(txt["label"]) == {""}
+    assert len(txt) == 1 and set(txt["label"]) == {""}  # one .txt file is one document by default
+    assert len(load_corpus(str(tmp_path / "t"), options=CorpusOptions(text_unit="line"))) == 20
     c = tokenize_contexts(txt, tok, context_length=16, max_tokens=30, split="train", eval_fraction=0.1)
     assert c.input_ids.shape == (2, 16)
 
@@ -97,3 +99,115 @@ def test_bad_inputs(tmp_path, wiki, tok):
         tokenize_contexts(wiki, tok, context_length=1, max_tokens=10)
     with pytest.raises(ValueError, match="eval_fraction"):
         tokenize_contexts(wiki, tok, context_length=8, max_tokens=10, eval_fraction=1.5)
+
+
+def write_books(folder) -> list[list[str]]:
+    """Three .txt "books" of 2, 3 and 4 paragraphs, each paragraph two lines; returns their paragraphs."""
+    folder.mkdir()
+    books = []
+    for b, n_par in enumerate((2, 3, 4)):
+        pars = [f"Book {b} paragraph {p} opens with a sentence about rivers.\nIt ends on a second line about hills."
+                for p in range(n_par)]
+        (folder / f"book{b}.txt").write_text("\n\n".join(pars) + "\n")
+        books.append(pars)
+    return books
+
+
+def units(folder, unit: str):
+    return load_corpus(str(folder), options=CorpusOptions(text_unit=unit))
+
+
+def test_txt_folder_text_units(tmp_path):
+    books = write_books(tmp_path / "books")
+    docs = units(tmp_path / "books", "document")  # the default
+    assert len(docs) == 3 and docs["doc_id"] == [0, 1, 2]
+    assert len(load_corpus(str(tmp_path / "books"))) == 3
+    assert docs["text"][1] == (tmp_path / "books" / "book1.txt").read_text()
+    pars = units(tmp_path / "books", "paragraph")
+    assert pars["text"] == [p for book in books for p in book]  # 9 paragraphs, blank lines gone
+    assert pars["doc_id"] == [0, 0, 1, 1, 1, 2, 2, 2, 2]  # each paragraph keeps its book as its document
+    lines = units(tmp_path / "books", "line")
+    assert len(lines) == 18 and lines["text"][:2] == books[0][0].split("\n")
+    assert lines["doc_id"].count(2) == 8
+    assert split_units("a\r\n\r\n \n\nb\n", "paragraph") == ["a", "b"]  # CRLF and runs of blank lines
+    one = load_corpus(str(tmp_path / "books" / "book2.txt"), options=CorpusOptions(text_unit="paragraph"))
+    assert len(one) == 4 and set(one["doc_id"]) == {0}
+
+
+@pytest.mark.parametrize("unit", ["paragraph", "line", "document"])
+def test_split_by_document_keeps_each_book_whole(tmp_path, tok, unit):
+    write_books(tmp_path / "books")
+    ds = units(tmp_path / "books", unit)
+    seed = next(s for s in range(100) if {doc_split(d, 0.5, s) for d in range(3)} == {"train", "eval"})
+    sides = {d: doc_split(d, 0.5, seed) for d in range(3)}
+    kw = dict(context_length=8, max_tokens=14, eval_fraction=0.5, seed=seed)
+    for split in ("train", "eval"):
+        c = tokenize_contexts(ds, tok, split=split, **kw)
+        assert {sides[d] for d in c.token_doc_ids.unique().tolist()} == {split}
+    # every unit of a train book is on the train side and none of an eval book: books are not cut across
+    in_train = {d for d in ds["doc_id"] if sides[d] == "train"}
+    assert in_train and in_train != {0, 1, 2}
+
+
+def test_few_books_short_split_says_why(tmp_path, tok):
+    write_books(tmp_path / "books")
+    ds = units(tmp_path / "books", "document")
+    with pytest.raises(ValueError, match=r"0 of the corpus's 3 documents.*split is by document"):
+        tokenize_contexts(ds, tok, split="eval", context_length=8, max_tokens=14, eval_fraction=0.01)
+
+
+def test_json_dict_of_records(tmp_path):
+    records = {"Rivers": {"title": "Rivers", "body": "Water flows downhill.", "cat": "geo"},
+               "Hills": {"body": "Land rises here.", "cat": "geo"},
+               "Cats": {"body": "They purr.", "cat": "zoo", "key": "own-key"}}
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    ds = load_corpus(str(tmp_path / "d.json"), text_column="body", label_column="cat")
+    assert ds["text"] == ["Water flows downhill.", "Land rises here.", "They purr."] and ds["doc_id"] == [0, 1, 2]
+    assert ds["label"] == ["geo", "geo", "zoo"]
+    # the key becomes column `key` (a record's own `key` wins), so it can serve as a label
+    assert load_corpus(str(tmp_path / "d.json"), text_column="body", label_column="key")["label"] == \
+        ["Rivers", "Hills", "own-key"]
+
+
+def test_json_records_under_a_field(tmp_path):
+    items = [{"text": f"Item {i} says something."} for i in range(5)]
+    (tmp_path / "n.json").write_text(json.dumps({"version": 2, "data": {"count": 5, "items": items}}))
+    ds = load_corpus(str(tmp_path / "n.json"), options=CorpusOptions(corpus_field="data.items"))
+    assert len(ds) == 5 and ds["doc_id"] == list(range(5))
+    (tmp_path / "top.json").write_text(json.dumps({"data": items}))
+    assert len(load_corpus(str(tmp_path / "top.json"), options=CorpusOptions(corpus_field="data"))) == 5
+    with pytest.raises(ValueError, match=r"text_column.*read as one record.*set corpus_field.*\['data'\]"):
+        load_corpus(str(tmp_path / "n.json"))  # no field: one record, and the message says where records may be
+    with pytest.raises(ValueError, match=r"^corpus_field: .* has no key 'itemz' at data \(it holds keys \['count'"):
+        load_corpus(str(tmp_path / "n.json"), options=CorpusOptions(corpus_field="data.itemz"))
+    with pytest.raises(ValueError, match=r"^corpus_field: .*not records"):
+        load_corpus(str(tmp_path / "n.json"), options=CorpusOptions(corpus_field="version"))
+    (tmp_path / "l.jsonl").write_text(json.dumps(items[0]))
+    with pytest.raises(ValueError, match=r"^corpus_field: 'data' applies to \.json files"):
+        load_corpus(str(tmp_path / "l.jsonl"), options=CorpusOptions(corpus_field="data"))
+    with pytest.raises(ValueError, match=r"^corpus_field: 'data' applies to local \.json files"):
+        load_corpus("wiki-extracts", options=CorpusOptions(corpus_field="data"))
+
+
+def test_missing_column_error_lists_at_most_20_names(tmp_path):
+    (tmp_path / "wide.json").write_text(json.dumps({f"Title {i}": f"text {i}" for i in range(6239)}))
+    with pytest.raises(ValueError) as err:
+        load_corpus(str(tmp_path / "wide.json"))
+    msg = str(err.value)
+    assert msg.count("'Title ") == 20 and "'Title 19'" in msg and "'Title 20'" not in msg
+    assert "… and 6219 more]" in msg and len(msg) < 800
+    assert name_list(["a", "b"]) == "['a', 'b']"
+    assert name_list(range(25)) == f"[{', '.join(map(str, range(20)))}, … and 5 more]"
+
+
+def test_options_key_names_only_what_changes_the_data(tmp_path):
+    write_books(tmp_path / "books")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}))
+    default = CorpusOptions()
+    assert options_key("wiki-extracts", default) == {} and options_key(str(tmp_path / "a.jsonl"), default) == {}
+    assert options_key(str(tmp_path / "a.jsonl"), CorpusOptions(text_unit="line")) == {"text_unit": "line"}
+    # .txt corpora were read by line before text_unit existed: their key always names the unit
+    assert options_key(str(tmp_path / "books"), default) == {"text_unit": "document"}
+    assert options_key(str(tmp_path / "x.json"), CorpusOptions(corpus_field="data")) == {"corpus_field": "data"}
+    with pytest.raises(ValueError, match=r"corpus_field\n.*a dotted path of keys"):
+        CorpusOptions(corpus_field="data..items")

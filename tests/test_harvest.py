@@ -21,8 +21,8 @@ from orchestrator.shards import (
     read_manifest,
     verify_store,
 )
-from sae.corpus import load_corpus, tokenize_contexts
-from sae.lm import harvest_activations, load_lm
+from sae.corpus import doc_split, load_corpus, tokenize_contexts
+from sae.lm import harvest_activations, load_lm, load_tokenizer
 
 TOKENS, T = 600, 32  # 20 contexts of 31 stored tokens (the last trimmed), 4 contexts per shard -> 5 shards
 
@@ -134,4 +134,28 @@ def test_bad_inputs(ray_local, tmp_path):
         harvest(config(tmp_path, text_column="body"), progress=False)
     with pytest.raises(ValueError, match="fewer than"):
         harvest(config(tmp_path, tokens=10**8), progress=False)
+    with pytest.raises(ValueError, match="corpus_field"):
+        config(tmp_path, corpus_field="data..items")
+    with pytest.raises(ValueError, match="text_unit"):
+        config(tmp_path, text_unit="chapter")
     assert not any(p.name.endswith(".parquet") for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_txt_books_harvest_by_paragraph_and_split_by_book(ray_local, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    for b in range(4):
+        text = "\n\n".join(f"Book {b}, paragraph {p}: the river ran past the mill and on towards the sea."
+                           for p in range(6))
+        (books / f"book{b}.txt").write_text(text)
+    seed = next(s for s in range(100) if {doc_split(d, 0.5, s) for d in range(4)} == {"train", "eval"})
+    cfg = config(tmp_path / "shards", corpus=str(books), text_unit="paragraph", eval_fraction=0.5, seed=seed,
+                 site="resid_post.2", tokens=2 * (T - 1))
+    m = read_manifest(harvest(cfg, progress=False))
+    assert m.config["content"]["text_unit"] == "paragraph" and m.config["text_unit"] == "paragraph"
+    rec = next(iter_records(str(tmp_path / "shards" / cfg.key()), m.tokens))
+    docs = set(rec["doc_id"].tolist())
+    assert docs and all(doc_split(d, 0.5, seed) == "train" for d in docs)  # whole books, train side only
+    eos = load_tokenizer("smollm2-135m").eos_token_id
+    assert (rec["token_id"] == eos).sum() >= 2  # paragraphs, not books, are the units joined by EOS

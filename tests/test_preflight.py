@@ -3,6 +3,7 @@ anything, in one line that names the field and the fix, and the CLI exits 2 with
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from orchestrator.preflight import (
     GB,
     NodeCapacity,
     check_memory,
+    check_model_and_corpus,
     check_resources,
     check_tracking,
     check_writable,
@@ -56,6 +58,23 @@ def test_empty_corpus_is_rejected(tmp_path):
     empty.write_text("")
     with pytest.raises(SpecError, match="corpus"):
         preflight(spec_from_dict(smoke_dict(corpus=str(empty), label_column=None)), log=lambda _: None)
+
+
+def test_corpus_check_reads_the_corpus_as_the_harvest_will(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text("One paragraph.\n\nAnother one.")
+    spec = spec_from_dict(smoke_dict(corpus=str(books), label_column=None, text_unit="paragraph"))
+    assert check_model_and_corpus(spec).n_layers == 30
+    with pytest.raises(SpecError, match=r"^corpus_field: 'data' applies to \.json files"):
+        check_model_and_corpus(spec_from_dict(smoke_dict(corpus=str(books), label_column=None, corpus_field="data")))
+    (tmp_path / "n.json").write_text(json.dumps({"data": {"items": [{"text": "x"}]}}))
+    nested = smoke_dict(corpus=str(tmp_path / "n.json"), label_column=None, corpus_field="data.items")
+    check_model_and_corpus(spec_from_dict(nested))
+    with pytest.raises(SpecError, match=r"^corpus_field: .* has no key 'rows' at data"):
+        check_model_and_corpus(spec_from_dict({**nested, "corpus_field": "data.rows"}))
+    with pytest.raises(SpecError, match=r"^label_column: column 'topic' is not in corpus"):
+        check_model_and_corpus(spec_from_dict({**nested, "label_column": "topic"}))
 
 
 def test_paths_under_a_file_or_without_room_are_refused_and_nothing_is_created(tmp_path):

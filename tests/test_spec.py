@@ -129,3 +129,64 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     path.write_text((SPEC_DIR / "smoke.yaml").read_text() + "train_tokens: 1\n")
     with pytest.raises(SpecError, match="duplicate key 'train_tokens'"):
         load_spec(path)
+
+
+# Computed from main's code (commit 8c036af, before text_unit / corpus_field existed) and hard-coded: a changed
+# key would make every user re-harvest the default activations, a changed hash would refuse their --resume.
+DEFAULT_TRAIN_KEY = "smollm2-135m.resid_post.15.train.29fedfb62b9fd3a05c7e"
+DEFAULT_EVAL_KEY = "smollm2-135m.resid_post.15.eval.9b2a0c923577e260563d"
+DEFAULT_SPEC_HASH = "89c8bd66c166076a"
+
+
+def test_default_store_keys_and_spec_hash_are_unchanged():
+    from orchestrator.sweep import harvest_config
+
+    spec = load_spec("default")
+    assert harvest_config(spec, "train").key() == DEFAULT_TRAIN_KEY
+    assert harvest_config(spec, "eval").key() == DEFAULT_EVAL_KEY
+    assert spec.spec_hash() == DEFAULT_SPEC_HASH
+    # a spec on wiki-extracts that leaves label_column out gets its topic, so its keys are the same too
+    raw = yaml.safe_load((SPEC_DIR / "default.yaml").read_text())
+    del raw["label_column"]
+    implicit = spec_from_dict(raw)
+    assert implicit.label_column == "topic" and harvest_config(implicit, "train").key() == DEFAULT_TRAIN_KEY
+
+
+def test_corpus_options_reach_the_harvest_config(tmp_path):
+    from orchestrator.sweep import harvest_config
+    from sae.corpus import CorpusOptions
+
+    spec = spec_from_dict(smoke_dict(corpus=str(tmp_path / "c.json"), label_column=None, text_unit="paragraph",
+                                     corpus_field="data.items"))
+    assert spec.corpus_options() == CorpusOptions(text_unit="paragraph", corpus_field="data.items")
+    cfg = harvest_config(spec, "train")
+    assert (cfg.text_unit, cfg.corpus_field) == ("paragraph", "data.items")
+    assert {"text_unit": "paragraph", "corpus_field": "data.items"}.items() <= cfg.content_fields().items()
+    plain = harvest_config(spec_from_dict(smoke_dict(corpus=str(tmp_path / "c.json"), label_column=None)), "train")
+    assert "text_unit" not in plain.content_fields() and plain.key() != cfg.key()
+    assert spec.spec_hash() != load_spec("smoke").spec_hash()
+    raw = smoke_dict(corpus=str(tmp_path / "books"))
+    del raw["label_column"]
+    assert spec_from_dict(raw).label_column is None  # null unless the corpus has one
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"text_unit": "chapter"}, "text_unit: Input should be 'line', 'paragraph' or 'document'"),
+    ({"text_unit": None}, "text_unit: "),
+    ({"corpus_field": "data..items"}, "corpus_field: a dotted path of keys"),
+    ({"corpus_field": ""}, "corpus_field: a dotted path of keys"),
+    ({"corpus_field": 5}, "corpus_field: Input should be a valid string"),
+])
+def test_bad_corpus_options_name_the_field(override, needle):
+    with pytest.raises(SpecError, match=re.escape(needle)):
+        spec_from_dict(smoke_dict(**override))
+
+
+def test_missing_spec_lists_at_most_20_names(tmp_path, monkeypatch):
+    import orchestrator.spec as spec_module
+
+    for i in range(25):
+        (tmp_path / f"s{i:02d}.yaml").write_text("")
+    monkeypatch.setattr(spec_module, "SPEC_DIR", tmp_path)
+    with pytest.raises(SpecError, match=r"available: \['s00', .*'s19', … and 5 more\]$"):
+        load_spec("nope")
