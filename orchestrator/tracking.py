@@ -1,7 +1,7 @@
 """The only MLflow writer: one parent run per sweep, one child run per grid point, written from the driver alone.
 
 Trials never talk to MLflow; they report through Ray Tune and leave one result bundle per grid point (result.json,
-the SAE checkpoint, plots; or error.txt) in their final Tune checkpoint. A trial may hold several points
+the SAE checkpoint and its SAELens export, plots; or error.txt) in their final Tune checkpoint. A trial may hold several points
 (orchestrator.packing): each still gets its own run, its own training curves and its own FAILED status. `MLflowSweepCallback` runs in the driver and turns those
 reports into MLflow runs, so a SQLite store only ever sees one writer. Runs are matched by tags (the sweep key
 on the parent, the trial key on each child), which is what makes `--resume` reuse runs instead of duplicating.
@@ -178,7 +178,7 @@ class Tracker:
         self.log_metrics(run_id, result["final"])
         self.log_curves(run_id, result["curves"])
         self.log_params(run_id, {f"resolved.{k}": v for k, v in result.get("resolved", {}).items()})
-        for sub in ("sae", "plots"):
+        for sub in ("sae", "sae_lens", "plots"):
             if (bundle / sub).is_dir():
                 self.log_artifacts(run_id, bundle / sub, sub)
         self.client.log_artifact(run_id, str(bundle / RESULT_FILE))

@@ -8,7 +8,7 @@ evaluations already done. The trial only computes; it never writes MLflow. It re
 as `<point key>/<metric>` (the driver's tracking callback logs them to each point's run) and saves its state as
 a Tune checkpoint every few steps. Its checkpoint holds trainer.safetensors + trainer.json (no pickle) and
 points/<point key>/ with either the result bundle (result.json: final metrics, curves with step = G, power law;
-the SAE as safetensors + cfg.json; plots) or error.txt.
+the SAE as safetensors + cfg.json; its SAELens export in sae_lens/; plots) or error.txt.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from sae.evaluate import EvalData, evaluate_progressive, principal_method
 from sae.importance import latent_stats
 from sae.lm import compute_dtype_for, load_lm
 from sae.plots import plot_importance, plot_pruning_curves
+from sae.saelens import hook_for_site, save_saelens
 from sae.splice import SpliceScorer
 from sae.train import Trainer
 
@@ -304,6 +305,9 @@ def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_sae(sae, tmp / "sae")
+    hook_name, layer = hook_for_site(spec.site)  # the same SAE for SAELens (sae.saelens: input scale folded in)
+    save_saelens(sae, tmp / "sae_lens", model_name=spec.model, hook_name=hook_name, hook_layer=layer,
+                 context_size=spec.context_length, dataset=spec.corpus)
     (tmp / "plots").mkdir()
     if report.fit is not None:
         plot_importance(report.importance, report.fit).savefig(tmp / "plots" / "power_law.png", dpi=110)

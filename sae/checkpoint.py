@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
 def save_sae(sae, directory: str | os.PathLike) -> Path:
     """Write `sae` to `directory` (created or atomically replaced); returns the directory path."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name in TENSOR_NAMES:
         t = getattr(sae, name)
@@ -50,12 +50,23 @@ def save_sae(sae, directory: str | os.PathLike) -> Path:
     for name, t in tensors.items():
         if tuple(t.shape) != want[name]:
             raise ValueError(f"SAE tensor {name} has shape {list(t.shape)} but its cfg implies {list(want[name])}")
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(sae.cfg.model_dump_json(indent=2) + "\n")
+
+    return write_dir_atomic(target, write)
+
+
+def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a fresh hidden directory beside `target`, then rename it to `target` (an existing one
+    is renamed aside first and removed once the new one is in place): `target` never holds a partial write."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(sae.cfg.model_dump_json(indent=2) + "\n")
+        write(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{tag}"
             os.replace(target, old)

@@ -14,8 +14,10 @@ import numpy as np
 import optuna
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from test_frontier import brute_force_pareto
+from test_saelens import read_saelens, saelens_forward
 
 from orchestrator.frontier import CRITERIA, progressive_points
 from orchestrator.report import make_report
@@ -109,6 +111,13 @@ def test_every_grid_point_is_a_child_run_with_curves_and_artifacts(grid_sweep, t
         local = client.download_artifacts(run.info.run_id, "sae", str(tmp_path / run.info.run_id))
         sae = load_sae(local)
         assert sae.cfg.n_latents == n and sae.cfg.k == int(run.data.params["k"])
+        lens = client.download_artifacts(run.info.run_id, "sae_lens", str(tmp_path / run.info.run_id))
+        cfg, weights = read_saelens(Path(lens))  # the trained SAE, raw activations in and out, as SAELens runs it
+        assert cfg["metadata"]["hook_name"] == f"blocks.{spec.layer}.hook_{spec.site.split('.')[0]}"
+        x = torch.randn(32, sae.cfg.d_in) / sae.cfg.input_scale
+        z, x_hat = saelens_forward(cfg, weights, x)
+        torch.testing.assert_close(z, sae.encode_dense(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x_hat, sae(x), rtol=1e-4, atol=1e-4 / sae.cfg.input_scale)
 
 
 def test_frontier_is_the_pareto_set_of_the_logged_metrics(grid_sweep):
