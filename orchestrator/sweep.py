@@ -53,6 +53,16 @@ class SweepInterrupted(RuntimeError):
     """The sweep stopped before every trial finished; `--resume` continues it."""
 
 
+class PointsFailed(RuntimeError):
+    """Some grid points failed; the others finished and are in `outcome` (its frontier is logged). The message
+    has one line per failed point: its run name and why."""
+
+    def __init__(self, outcome: SweepOutcome, failures: list[str]):
+        self.outcome, self.failures = outcome, failures
+        super().__init__(f"{len(failures)} grid point(s) failed (their runs are FAILED, tag {ERROR_TAG}); the "
+                         "others are logged and in the frontier:\n" + "\n".join(failures))
+
+
 @dataclass
 class SweepOutcome:
     experiment: str
@@ -310,13 +320,12 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
                                  "trials_finished": float(points["run_id"].nunique() if not points.empty else 0),
                                  "trials_failed": float(len(errors))})
     tracker.finish(parent, "FAILED" if errors else "FINISHED")
-    if errors:
-        raise RuntimeError(f"{len(errors)} grid point(s) failed (their runs are FAILED, tag {ERROR_TAG}); the others "
-                           f"are logged and in the frontier. First:\n{errors[0]}")
     timings = pd.DataFrame([{"run_name": r.info.run_name, **{k: r.data.metrics.get(k, float("nan")) for k in TIMING_METRICS}}
                             for r in tracker.runs_of(parent)])
     outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path,
                            timings)
+    if errors:
+        raise PointsFailed(outcome, [" ".join(e.split()) for e in errors])
     if search == "optuna":
         outcome.pareto_trials = pareto_trials(spec)
     return outcome

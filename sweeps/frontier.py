@@ -67,13 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from orchestrator.sweep import SweepInterrupted, frontier_table, run_sweep
+    from orchestrator.sweep import PointsFailed, SweepInterrupted, frontier_table, run_sweep
 
+    failed: PointsFailed | None = None
     try:
         outcome = run_sweep(spec, search=args.search, trials=args.trials, resume=args.resume)
     except SweepInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
+    except PointsFailed as err:  # the frontier of the points that finished, then one line per failed point
+        failed, outcome = err, err.outcome
     print(f"\n=== frontier of {outcome.experiment} (size vs FVU, Pareto per G) ===")
     print(frontier_table(outcome.frontier))
     if outcome.pareto_trials is not None:
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(t)
     print(f"\n{outcome.cost_summary()}\nparent run {outcome.parent_run_id} in experiment {outcome.experiment}")
     print(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {spec.resolved_tracking_uri()})")
+    if failed is not None:
+        print(f"\nfailed: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

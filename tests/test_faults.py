@@ -17,7 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
+from spec_helpers import smoke_dict
 
 from orchestrator.spec import load_spec
 
@@ -115,3 +117,41 @@ def test_two_sweeps_of_one_spec_at_once_share_one_harvest_and_keep_their_own_run
         runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted(r.data.tags["sae_frontier.point_key"] for r in runs) == \
             sorted(p["trial_key"] for p in spec.trial_points())
+
+
+def test_trial_worker_killed_mid_training_is_retried_from_its_checkpoint(tmp_path):
+    """SIGKILL of the trial's worker process after its first checkpoint: Tune retries the trial from it, and each
+    point keeps one FINISHED run with one continuous training curve (no step twice, none missing after the
+    restart) and its train_final/* metrics."""
+    raw = smoke_dict(storage=str(tmp_path / "shards"), results_path=str(tmp_path / "results"),
+                     tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", train={"epochs": 30},
+                     resources={"cpus": 2, "max_concurrent": 1, "pack": 4})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "frontier.py"), "--spec", str(tmp_path / "spec.yaml")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed: list[int] = []
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None and not killed:
+        if any((tmp_path / "results").glob("smoke-grid-*/run_trial_*/checkpoint_000000")):
+            for p in psutil.Process(driver.pid).children(recursive=True):
+                try:
+                    if "ImplicitFunc" in " ".join([p.name(), *p.cmdline()]):
+                        p.kill()
+                        killed.append(p.pid)
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.05)
+    out, _ = driver.communicate(timeout=900)
+    assert killed, "no trial worker was found to kill:\n" + out[-3000:]
+    assert driver.returncode == 0, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    spec = load_spec("smoke")
+    trials = _children(f"sqlite:///{tmp_path}/mlflow.db", spec.experiment_name)
+    assert sorted(r.data.tags["sae_frontier.point_key"] for r in trials) == \
+        sorted(p["trial_key"] for p in spec.trial_points())
+    tokens_per_report = raw["train"]["batch_size"] * raw["train"]["report_every_steps"]
+    for r in trials:
+        assert r.info.status == "FINISHED" and "train_final/fvu" in r.data.metrics
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss"))
+        assert steps == list(range(steps[0], steps[-1] + 1, tokens_per_report))  # continuous, each step once
+        assert steps[-1] == r.data.metrics["tokens_seen"]

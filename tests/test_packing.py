@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep import PointsFailed, run_sweep
 from orchestrator.tracking import ERROR_TAG, PARENT_TAG
 from orchestrator.trial import INJECT_CRASH_ENV, INJECT_NAN_ENV
 from sae.lm import ModelInfo
@@ -111,7 +111,7 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
     ray.shutdown()  # Ray's workers inherit the environment of the Ray that starts next
     os.environ[INJECT_NAN_ENV] = poisoned["trial_key"]
     try:
-        with pytest.raises(RuntimeError, match="1 grid point"):
+        with pytest.raises(PointsFailed, match="1 grid point") as failed:
             run_sweep(packed)
     finally:
         ray.shutdown()
@@ -125,6 +125,10 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
     assert set(runs) == {p["trial_key"] for p in packed.trial_points()}
     bad = runs.pop(poisoned["trial_key"])
     assert bad.info.status == "FAILED" and "loss is" in bad.data.tags[ERROR_TAG]
+    # one line per failed point, and the frontier of the three that finished
+    assert len(failed.value.failures) == 1 and failed.value.failures[0].startswith(f"{bad.info.run_name}: ")
+    assert set(failed.value.outcome.frontier["run_name"]) <= {r.info.run_name for r in runs.values()}
+    assert not failed.value.outcome.frontier.empty
     reference = _finals(uri, "unpacked", base.parent_run_id)
     for key, run in runs.items():
         m = run.data.metrics
