@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,21 +41,21 @@ class _Strict(BaseModel):
 
 
 class HarvestResources(_Strict):
-    num_actors: int = Field(1, ge=1)
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, ge=1, description="contexts per LM forward")
+    num_actors: int = Field(1, ge=1, le=4096)
+    num_cpus_per_actor: float = Field(1.0, gt=0, le=1024)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=64)
+    batch_size: int = Field(16, ge=1, le=65536, description="contexts per LM forward")
 
 
 class TrialResources(_Strict):
-    cpus: float = Field(2.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
-    max_concurrent: int = Field(1, ge=1)
+    cpus: float = Field(2.0, gt=0, le=1024)
+    gpus: float = Field(0.0, ge=0, le=64)
+    max_concurrent: int = Field(1, ge=1, le=100_000)
     pack: Literal["auto"] | int = Field(
         1, description="grid points per Tune trial: they train from one pass over the shards (up to `cpus` at once, "
                        "one thread each) and share one LM load for evaluation; points of one seed only. auto: as many "
                        "as the memory estimate fits in memory_gb (orchestrator/packing.py)")
-    memory_gb: float | None = Field(None, gt=0, description="memory one trial may use, for pack: auto; null: this "
+    memory_gb: float | None = Field(None, gt=0, le=100_000, description="memory one trial may use, for pack: auto; null: this "
                                                             "machine's available memory / max_concurrent")
 
     @field_validator("pack", mode="before")
@@ -69,8 +69,8 @@ class TrialResources(_Strict):
 class GridSpec(_Strict):
     """The axes of the grid; every combination is one trial (one child run)."""
 
-    n_latents: list[int] = Field(min_length=1)
-    k: list[int] = Field(min_length=1)
+    n_latents: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(min_length=1)
+    k: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(min_length=1)
     architecture: list[Literal["topk", "batchtopk"]] = Field(default_factory=lambda: ["topk"], min_length=1)
     partition: list[Any] = Field(default_factory=lambda: [None], min_length=1,
                                  description="null (vanilla), 'doubling:G', 'uniform:G', 'fractions:NAME', "
@@ -90,19 +90,19 @@ class GridSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    batch_size: int = Field(4096, ge=1)
-    epochs: int = Field(1, ge=1)
-    lr: float | None = None
-    warmup_steps: int = Field(50, ge=0)
-    decay_fraction: float = 0.2
+    batch_size: int = Field(4096, ge=1, le=1 << 20)
+    epochs: int = Field(1, ge=1, le=10_000)
+    lr: float | None = Field(None, gt=0, le=1)
+    warmup_steps: int = Field(50, ge=0, le=10**9)
+    decay_fraction: float = Field(0.2, ge=0, le=1)
     aux_k: int | None = None
-    aux_coef: float = 1.0 / 32.0
+    aux_coef: float = Field(1.0 / 32.0, ge=0, le=1000)
     aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
     encoder_init_norm: float = TrainConfig.model_fields["encoder_init_norm"].default  # see sae.config.TrainConfig
-    dead_tokens: int = Field(1_000_000, ge=1)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
+    dead_tokens: int = Field(1_000_000, ge=1, le=10**12)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
     compute_dtype: ComputeDType = "auto"  # bf16 encoder matmuls where native (sae.train.native_bf16); fp32 elsewhere
-    report_every_steps: int = Field(10, ge=1)
-    checkpoint_every_steps: int = Field(50, ge=1)
+    report_every_steps: int = Field(10, ge=1, le=10**9)
+    checkpoint_every_steps: int = Field(50, ge=1, le=10**9)
 
 
 class EvalSpec(_Strict):
@@ -110,19 +110,19 @@ class EvalSpec(_Strict):
 
     granularities: list[int] | None = None
     rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: list(RULES), min_length=1)
-    importance_tokens: int = Field(32768, ge=256, description="train tokens that rank latents (never eval tokens)")
-    random_draws: int = Field(5, ge=1, description="seeded random subsets per G (mean and sd are logged)")
-    splice_contexts: int = Field(64, ge=1, description="eval contexts spliced for the CE/KL scores")
+    importance_tokens: int = Field(32768, ge=256, le=10**8, description="train tokens that rank latents (never eval tokens)")
+    random_draws: int = Field(5, ge=1, le=1000, description="seeded random subsets per G (mean and sd are logged)")
+    splice_contexts: int = Field(64, ge=1, le=10**6, description="eval contexts spliced for the CE/KL scores")
     report_methods: list[Literal["prefix", "prune_ez2", "prune_freq", "prune_random"]] | None = Field(
         None, description="methods that also get RSA, CKA, proxies and the LM splice; null: each SAE's own "
                           "progressive code (prefix for Matryoshka, prune_ez2 for vanilla)")
     splice_length: int | None = Field(None, ge=2, description="tokens per spliced context (BOS included); "
                                                               "null: the whole context")
     splice_rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: ["masked"])
-    rsa_tokens: int = Field(2048, ge=16)
-    probe_features: int = Field(8, ge=1)
-    probe_candidates: int = Field(64, ge=1, description="candidate latents per probe, the same for every group")
-    concentration_top: int = Field(32, ge=2)
+    rsa_tokens: int = Field(2048, ge=16, le=16384, description="RSA compares all pairs: O(n^2) memory")
+    probe_features: int = Field(8, ge=1, le=4096)
+    probe_candidates: int = Field(64, ge=1, le=1 << 20, description="candidate latents per probe, the same for every group")
+    concentration_top: int = Field(32, ge=2, le=10**6)
     random_seed: int = 0
 
     @model_validator(mode="after")
@@ -149,7 +149,7 @@ class EvalSpec(_Strict):
 class OptunaSpec(_Strict):
     study_name: str | None = None
     storage: str | None = Field(None, description="an SQLAlchemy URL; default: a SQLite file beside the MLflow store")
-    trials: int = Field(8, ge=1)
+    trials: int = Field(8, ge=1, le=100_000)
     objective_granularity: int | None = None
     size_objective: Literal["n_latents", "l0"] = "n_latents"
     seed: int = 0
@@ -170,9 +170,9 @@ class SweepSpec(_Strict):
                                 description=CorpusOptions.model_fields["text_unit"].description)
     corpus_field: str | None = Field(CorpusOptions.model_fields["corpus_field"].default,
                                      description=CorpusOptions.model_fields["corpus_field"].description)
-    context_length: int = Field(128, ge=8)
-    train_tokens: int = Field(ge=1)
-    eval_tokens: int = Field(ge=1)
+    context_length: int = Field(128, ge=8, le=1 << 20)
+    train_tokens: int = Field(ge=1, le=10**11, description="harvested training tokens (10^11 at most: far beyond any SAE run)")
+    eval_tokens: int = Field(ge=1, le=10**10)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
