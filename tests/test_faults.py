@@ -21,10 +21,23 @@ import yaml
 from mlflow.tracking import MlflowClient
 from spec_helpers import smoke_dict
 
+from orchestrator.shards import read_manifest
 from orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Harvests the smoke spec's train and eval stores into argv[1] (the uninterrupted reference).
+HARVEST_BOTH = """
+import sys
+from orchestrator.harvest import harvest
+from orchestrator.spec import load_spec
+from orchestrator.sweep import harvest_config
+spec = load_spec("smoke", {"storage": sys.argv[1]})
+for split in ("train", "eval"):
+    harvest(harvest_config(spec, split), progress=False)
+"""
 
 
 def _children(uri: str, experiment: str, status: str | None = None) -> list:
@@ -91,6 +104,14 @@ def test_driver_killed_then_resumed_gives_one_finished_run_per_point(tmp_path, i
         assert steps and len(steps) == len(set(steps))  # no training step logged twice
     after = {r.info.run_id: r.info.end_time for r in trials}
     assert all(after[rid] == end for rid, end in finished_before.items())  # finished points were not redone
+    if instant is _mid_harvest:  # the resumed store is byte-identical to an uninterrupted harvest
+        ref = tmp_path / "reference"
+        subprocess.run([sys.executable, "-c", HARVEST_BOTH, str(ref)], env=env, check=True, timeout=600)
+        for split in ("train", "eval"):
+            [resumed] = [p for p in (tmp_path / "shards").glob(f"*.{split}.*") if p.is_dir()]
+            [clean] = [p for p in ref.glob(f"*.{split}.*") if p.is_dir()]
+            assert resumed.name == clean.name
+            assert read_manifest(str(resumed)).shards == read_manifest(str(clean)).shards  # names, rows, sha256
     assert parents[0].data.metrics["trials_finished"] == len(spec.trial_points())  # the frontier is complete
 
 
