@@ -43,6 +43,12 @@ class MemoryEstimate:
         return max(self.train, self.eval)
 
 
+def trial_device(spec: SweepSpec) -> str:
+    """Where a trial's SAEs will live, as planning sees it: a GPU when the spec asks for one (or `auto` with GPUs
+    per trial), else the CPU."""
+    return "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
+
+
 def sae_state_bytes(d: int, n: int) -> int:
     """Weights, gradients and both Adam moments, all fp32."""
     return 16 * (2 * d * n + n + d)

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.packing import MB, MemoryEstimate, plan_packs, trial_memory
+from orchestrator.packing import MB, MemoryEstimate, plan_packs, trial_device, trial_memory
 from orchestrator.spec import SpecError, SweepSpec, resolve_path
 from sae.lm import ModelInfo
 
@@ -180,7 +180,7 @@ def check_resources(spec: SweepSpec, node: NodeCapacity) -> None:
 def check_memory(spec: SweepSpec, info: ModelInfo, node: NodeCapacity) -> MemoryEstimate:
     """Every planned trial's memory estimate must fit the node; returns the largest. GPU trials are checked
     against `resources.memory_gb` when set (the host cannot see a remote GPU's memory)."""
-    device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
+    device = trial_device(spec)
     rows = min(DEFAULT_SHARD_ROWS, spec.train_tokens)
     limit = int(spec.resources.memory_gb * GB) if spec.resources.memory_gb is not None else node.memory
     packs = plan_packs(spec, d=info.d_model, lm=info, shard_rows=rows, device=device, budget=limit)

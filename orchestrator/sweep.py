@@ -33,7 +33,7 @@ from orchestrator.frontier import (
 )
 from orchestrator.harvest import HarvestConfig, harvest
 from orchestrator.lease import acquire, live_holder
-from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, trial_memory
+from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, trial_device, trial_memory
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
@@ -179,7 +179,7 @@ def _sweep_name(spec: SweepSpec, search: str, resume: bool | str) -> str:
     """A fresh sweep gets a new name; --resume continues the last one of this spec and search (the name kept in
     <results_path>/<spec>.<search>.latest), or the one it names. A name becomes a path under results_path, so
     only names of this spec's sweeps are accepted."""
-    pattern = rf"{re.escape(spec.name)}-{search}-\d{{8}}-\d{{6}}(-[0-9a-f]{{6}})?"
+    pattern = _sweep_pattern(spec, search)
     if isinstance(resume, str):
         if not re.fullmatch(pattern, resume):
             raise ValueError(f"--resume {resume[:80]!r} is not a {search} sweep of spec {spec.name!r} "
@@ -199,18 +199,23 @@ def _sweep_name(spec: SweepSpec, search: str, resume: bool | str) -> str:
     return f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def _sweep_pattern(spec: SweepSpec, search: str) -> str:
+    """What the names of this spec's sweeps look like (see _sweep_name)."""
+    return rf"{re.escape(spec.name)}-{search}-\d{{8}}-\d{{6}}(-[0-9a-f]{{6}})?"
+
+
 def _latest_path(root: str, spec: SweepSpec, search: str) -> str:
     return f"{root.rstrip('/')}/{spec.name}.{search}.latest"
 
 
-def _point_latest_at(spec: SweepSpec, search: str, name: str, log) -> None:
+def _point_latest_at(fs, root: str, spec: SweepSpec, search: str, name: str, log) -> None:
     """Make .latest name this sweep, unless it names another sweep of the spec that is still running (its
     lease is held): --resume would otherwise continue this one in its place."""
-    fs, root = storage_fs(resolve_path(spec.results_path))
     latest = _latest_path(root, spec, search)
     if exists(fs, latest):
         other = read_bytes(fs, latest).decode(errors="replace").strip()
-        if other != name and re.fullmatch(r"[A-Za-z0-9_.-]+", other) and live_holder(fs, f"{root}/{other}.lock"):
+        if other != name and re.fullmatch(_sweep_pattern(spec, search), other) and \
+                live_holder(fs, f"{root}/{other}.lock"):
             log(f"[sweep] {latest} keeps naming {other}, which is still running; resume this sweep with "
                 f"--resume {name}")
             return
@@ -229,7 +234,7 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
     fs.create_dir(root, recursive=True)
     with acquire(fs, f"{root}/{name}.lock", label=f"sweep {name}"):
         if not resume:
-            _point_latest_at(spec, search, name, log)
+            _point_latest_at(fs, root, spec, search, name, log)
         return _run_named(spec, name, search, trials, bool(resume), log)
 
 
@@ -337,7 +342,7 @@ def plan_grid(spec: SweepSpec, train_store: str, log=print, skip: frozenset[str]
     manifest = read_manifest(train_store)
     lm = describe_model(spec.model, revision=spec.revision)
     rows = max(s["rows"] for s in manifest.shards)
-    device = "cuda" if spec.device == "cuda" or (spec.device == "auto" and spec.resources.gpus > 0) else "cpu"
+    device = trial_device(spec)
     budget = memory_budget(spec)  # read once: the plan and the printed budget must agree
     todo = [p for p in spec.trial_points() if p["trial_key"] not in skip]
     packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device, budget=budget, points=todo)

@@ -98,13 +98,14 @@ def test_sweep_names_are_unique_and_latest_never_points_away_from_a_running_swee
     spec = load_spec("smoke", {"results_path": str(tmp_path)})
     first, second = _sweep_name(spec, "grid", False), _sweep_name(spec, "grid", False)
     assert first != second and first.startswith("smoke-grid-")  # same second, still two names
-    _point_latest_at(spec, "grid", first, print)
+    fs = pafs.LocalFileSystem()
+    _point_latest_at(fs, str(tmp_path), spec, "grid", first, print)
     assert _sweep_name(spec, "grid", True) == first
     said: list[str] = []
-    with acquire(pafs.LocalFileSystem(), f"{tmp_path}/{first}.lock", label="test"):  # `first` is running
-        _point_latest_at(spec, "grid", second, said.append)
+    with acquire(fs, f"{tmp_path}/{first}.lock", label="test"):  # `first` is running
+        _point_latest_at(fs, str(tmp_path), spec, "grid", second, said.append)
         assert _sweep_name(spec, "grid", True) == first and f"--resume {second}" in said[0]
-    _point_latest_at(spec, "grid", second, said.append)  # `first` has ended: the pointer moves on
+    _point_latest_at(fs, str(tmp_path), spec, "grid", second, said.append)  # `first` has ended: the pointer moves on
     assert _sweep_name(spec, "grid", True) == second and _sweep_name(spec, "grid", first) == first
     with pytest.raises(ValueError, match=r"--resume '\.\./x' is not a grid sweep of spec 'smoke'"):
         _sweep_name(spec, "grid", "../x")
