@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RAY_DASHBOARD ?= http://127.0.0.1:8265
 
-.PHONY: venv test test-fast lint frontier paper-mini report cluster submit stop-cluster ui bench
+.PHONY: venv test test-fast lint frontier paper-mini report cluster submit cluster-demo stop-cluster ui bench
 
 venv: $(STAMP)
 
@@ -58,6 +58,11 @@ cluster: venv
 submit: venv
 	ray job submit --address $(RAY_DASHBOARD) --runtime-env sweeps/runtime_env.yaml --working-dir . -- \
 		env SAE_FRONTIER_HOME=$(CURDIR) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) python sweeps/frontier.py --spec $(SPEC)
+
+# A real two-node run on object storage, all on this machine: moto's S3 server, `mlflow server` with proxied
+# artifacts, a Ray head plus a second node (token auth), the smoke sweep via `ray job submit --working-dir .`.
+cluster-demo: venv
+	$(PY) -m orchestrator.cluster_demo
 
 stop-cluster: venv
 	ray stop --force

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -343,7 +344,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
     """The trial's last report: how many points failed, plus (one-point trials, e.g. Optuna's) its objectives."""
     failed = [p for p in points if (point_dir(work, p) / ERROR_FILE).exists()]
-    out: dict[str, Any] = {"phase": "eval", "points": len(points), "points_failed": len(failed)}
+    out: dict[str, Any] = {"phase": "eval", "points": len(points), "points_failed": len(failed),
+                           "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it, on a cluster
     if len(points) == 1:
         final = ({} if failed else
                  json.loads((point_dir(work, points[0]) / RESULT_FILE).read_text())["final"])

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", metavar="EXPERIMENT", help="draw the frontiers of these MLflow experiments")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, sqlite)")
     p.add_argument("--storage", default=None, help="shard store path or URI every node can reach (overrides the spec)")
+    p.add_argument("--results-path", default=None,
+                   help="where Tune keeps trial state and checkpoints, a path or URI every node can reach (overrides the spec)")
     p.add_argument("--out", default=".cache/compare", help="where --compare writes its CSV and plots")
     args = p.parse_args(argv)
     if args.trials is not None and args.trials < 1:
@@ -40,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "storage": args.storage}.items() if v}
+    overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "storage": args.storage,
+                                   "results_path": args.results_path}.items() if v}
     if args.compare:
         import pandas as pd
 
