@@ -74,4 +74,5 @@ bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/harvest_throughput.py
 	$(PY) benchmarks/train_quality.py      # needs the default spec's shards (make frontier)
+	$(PY) benchmarks/auxk_window.py        # likewise: AuxK on a window of the batch vs on all of it
 	$(PY) benchmarks/sweep_cost.py         # two default sweeps: eval_to_train, packed_speedup, memory

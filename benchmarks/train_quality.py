@@ -96,6 +96,17 @@ def score(reconstruct, x: torch.Tensor) -> tuple[float, float]:
     return err / var, nz / x.shape[0]
 
 
+def default_stores() -> dict[str, list[str]] | None:
+    """The default spec's harvested train and eval stores (what `make frontier` leaves), or None, said on stderr."""
+    spec = load_spec("default")
+    stores = resolve_path(spec.storage)
+    found = {split: sorted(glob.glob(f"{stores}/{spec.model}.{spec.site}.{split}.*")) for split in ("train", "eval")}
+    if not found["train"] or not found["eval"]:
+        print(f"no harvested default-spec store under {stores}: run `make frontier` first", file=sys.stderr)
+        return None
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -110,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    spec = load_spec("default")
-    stores = resolve_path(spec.storage)
-    found = {split: sorted(glob.glob(f"{stores}/{spec.model}.{spec.site}.{split}.*")) for split in ("train", "eval")}
-    if not found["train"] or not found["eval"]:
-        print(f"no harvested default-spec store under {stores}: run `make frontier` first", file=sys.stderr)
+    found = default_stores()
+    if found is None:
         return 2
     steps = math.ceil(a.tokens / a.batch_size)
     variant = dict(kv.split("=") for kv in a.variant.split(",") if kv)

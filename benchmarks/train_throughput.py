@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; default 1 on CPU (see above), torch's default elsewhere; 0 = torch's")
     p.add_argument("--dead-fraction", type=float, default=0.25, help="share of latents kept dead in cases (e), (f)")
+    p.add_argument("--aux-tokens", type=int, default=None,
+                   help="TrainConfig.aux_tokens for every case (default: its default; 0: the whole batch)")
     p.add_argument("--cases", default="abcdef", help="which cases to run, e.g. 'ae' (ratios need their cases)")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -130,7 +132,9 @@ def main() -> None:
 
     data = make_data(4, B, d, device)
     held_out = make_data(1, B, d, device, seed=1)[0]
-    tc = TrainConfig(device=a.device, warmup_steps=0)
+    aux = {} if a.aux_tokens is None else {"aux_tokens": a.aux_tokens or None}
+    tc = TrainConfig(device=a.device, warmup_steps=0, **aux)
+    print(f"aux_tokens={tc.aux_tokens or 'the whole batch'}")
     bf16 = tc.model_copy(update={"compute_dtype": "bfloat16"})
     base = SAEConfig(d_in=d, n_latents=n, k=k)
     build = {

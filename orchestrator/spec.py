@@ -98,6 +98,7 @@ class TrainSpec(_Strict):
     aux_k: int | None = None
     aux_coef: float = Field(1.0 / 32.0, ge=0, le=1000)
     aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
+    aux_tokens: int | None = Field(TrainConfig.model_fields["aux_tokens"].default, ge=1, le=1 << 20)  # see TrainConfig
     encoder_init_norm: float = TrainConfig.model_fields["encoder_init_norm"].default  # see sae.config.TrainConfig
     dead_tokens: int = Field(1_000_000, ge=1, le=10**12)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
     compute_dtype: ComputeDType = "auto"  # bf16 encoder matmuls where native (sae.train.native_bf16); fp32 elsewhere
@@ -286,7 +287,14 @@ class SweepSpec(_Strict):
     def spec_hash(self) -> str:
         """Fields added after sweeps had been run (ADDED_FIELDS) count only off their defaults, so a sweep started
         before they existed still matches its spec on --resume."""
-        unset = {f for f in ADDED_FIELDS if getattr(self, f) == type(self).model_fields[f].default}
+        unset: dict[str, Any] = {}
+        for dotted in ADDED_FIELDS:
+            *parents, name = dotted.split(".")
+            model, where = self, unset
+            for parent in parents:
+                model, where = getattr(model, parent), where.setdefault(parent, {})
+            if getattr(model, name) == type(model).model_fields[name].default:
+                where[name] = True
         return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
 
     def corpus_options(self) -> CorpusOptions:
@@ -323,11 +331,11 @@ class SweepSpec(_Strict):
             lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
             total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef, aux_loss=t.aux_loss,
             dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
-            encoder_init_norm=t.encoder_init_norm,
+            encoder_init_norm=t.encoder_init_norm, aux_tokens=t.aux_tokens,
         )
 
 
-ADDED_FIELDS = ("text_unit", "corpus_field")  # see SweepSpec.spec_hash
+ADDED_FIELDS = ("text_unit", "corpus_field", "train.aux_tokens")  # see SweepSpec.spec_hash
 
 
 def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> dict[str, Any]:

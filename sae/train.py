@@ -262,7 +262,9 @@ class Trainer:
         aux = torch.zeros((), device=x.device)
         dead_idx = m.dead_latents() if tc.aux_coef > 0 else None
         if dead_idx is not None:
-            aux = auxk_loss(sae, m.aux_k, dead_idx, pre, xc, x_n - recon.detach(), normalized=tc.aux_loss == "normalized")
+            rows = aux_rows(x.shape[0], tc.aux_tokens, self.step)
+            residual = x_n[rows] - recon.detach()[rows]
+            aux = auxk_loss(sae, m.aux_k, dead_idx, pre[rows], xc[rows], residual, normalized=tc.aux_loss == "normalized")
             loss = main + tc.aux_coef * aux
         if self.finite_check_every == 1:
             if not torch.isfinite(loss):
@@ -461,6 +463,15 @@ def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:
         return step()
     except FloatingPointError as err:
         return err
+
+
+def aux_rows(batch: int, aux_tokens: int | None, step: int) -> slice:
+    """The rows of a batch that AuxK sees this step: all, or a window of aux_tokens rows that moves by its own
+    length each step (so every row position takes its turn, and a resumed run picks the same rows)."""
+    if aux_tokens is None or aux_tokens >= batch:
+        return slice(None)
+    start = (step * aux_tokens) % (batch - aux_tokens + 1)
+    return slice(start, start + aux_tokens)
 
 
 def auxk_loss(sae: SparseAutoencoder, aux_k: int, dead_idx: Tensor, pre: Tensor, xc: Tensor, residual: Tensor,

@@ -193,3 +193,17 @@ def test_missing_spec_lists_at_most_20_names(tmp_path, monkeypatch):
     monkeypatch.setattr(spec_module, "SPEC_DIR", tmp_path)
     with pytest.raises(SpecError, match=r"available: \['s00', .*'s19', … and 5 more\]$"):
         load_spec("nope")
+
+
+def test_aux_tokens_reaches_the_train_config_and_keeps_old_hashes():
+    from sae.config import TrainConfig
+
+    default = load_spec("smoke")
+    assert default.train.aux_tokens == TrainConfig().aux_tokens  # one default, the library's
+    point = default.trial_points()[0]
+    assert default.train_config(point, "cpu").aux_tokens == TrainConfig().aux_tokens
+    whole = spec_from_dict(smoke_dict(train={"aux_tokens": None}))
+    assert whole.train_config(point, "cpu").aux_tokens is None
+    assert whole.spec_hash() != default.spec_hash()  # off its default, the setting counts
+    with pytest.raises(SpecError, match="train.aux_tokens"):
+        spec_from_dict(smoke_dict(train={"aux_tokens": 0}))

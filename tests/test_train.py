@@ -15,6 +15,7 @@ from sae.train import (
     AUXK_DENSE_MIN_DENSITY,
     METRIC_NAMES,
     Trainer,
+    aux_rows,
     auxk_loss,
     native_bf16,
     resolve_compute_dtype,
@@ -431,3 +432,41 @@ def test_sweep_spec_passes_aux_loss():
     spec = SweepSpec(name="aux", train_tokens=4096, eval_tokens=1024, grid={"n_latents": [64], "k": [4]},
                      train={"aux_loss": "normalized"})
     assert spec.train_config(spec.trial_points()[0], "cpu").aux_loss == "normalized"
+
+
+def test_aux_tokens_window_moves_over_the_batch_and_covers_it():
+    assert aux_rows(512, None, 7) == slice(None) and aux_rows(512, 512, 7) == slice(None)
+    seen = torch.zeros(512, dtype=torch.int32)
+    windows = [aux_rows(512, 128, step) for step in range(8)]
+    for w in windows:
+        assert w.stop - w.start == 128 and 0 <= w.start and w.stop <= 512
+        seen[w] += 1
+    assert (seen > 0).all() and len({w.start for w in windows}) > 1
+
+
+def test_aux_tokens_scores_auxk_on_the_window_only(planted):
+    """With aux_tokens, AuxK's loss is the whole-batch AuxK of the window's rows; the main loss is untouched."""
+    x = planted.x[:256]
+    out = {}
+    for aux_tokens in (None, 64):
+        tc = TrainConfig(lr=1e-3, warmup_steps=0, dead_tokens=1000, aux_tokens=aux_tokens)
+        trainer = Trainer([(SAEConfig(d_in=32, n_latents=128, k=4), tc)])
+        trainer.train_step(planted.x[256:512])
+        trainer._members[0].since_fired[64:] = 10_000  # half the latents dead
+        sae = trainer.saes[0]
+        with torch.no_grad():  # what the next step's AuxK sees, computed by hand on the window's rows
+            rows = aux_rows(256, aux_tokens, trainer.step)
+            x_n = sae.normalise(x)
+            xc, pre = sae.pre_activations(x_n)
+            residual = x_n - sae.decode_normalised(*sae.encode(x))
+            dead = torch.arange(64, 128)
+            expected = auxk_loss(sae, trainer._members[0].aux_k, dead, pre[rows], xc[rows], residual[rows]).item()
+        out[aux_tokens] = trainer.train_step(x)[0]
+        assert out[aux_tokens]["aux_loss"] == pytest.approx(expected, rel=1e-4)
+    assert out[64]["aux_loss"] != pytest.approx(out[None]["aux_loss"], rel=1e-4)  # the window is not the batch
+    assert out[64]["mse"] == pytest.approx(out[None]["mse"], rel=1e-6)
+
+
+def test_aux_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="aux_tokens must be a positive token count"):
+        TrainConfig(aux_tokens=0)
