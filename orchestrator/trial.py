@@ -36,17 +36,16 @@ from sae.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.config import SAEConfig
 from sae.corpus import special_ids
 from sae.evaluate import EvalData, evaluate_progressive, principal_method
+from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR, SPEC_KEYS, spec_metadata, write_saelens
 from sae.importance import latent_stats
 from sae.lm import compute_dtype_for, load_lm
 from sae.plots import plot_importance, plot_pruning_curves
-from sae.saelens import hook_for_site, save_saelens
 from sae.splice import SpliceScorer
 from sae.train import Trainer
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 POINTS_DIR = "points"
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
-RESULT_FILE = "result.json"  # a point's result bundle index, read by orchestrator.tracking
 ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
@@ -305,10 +304,10 @@ def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report
     """The point's result bundle, written under a temporary name and renamed into place."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_sae(sae, tmp / "sae")
-    hook_name, layer = hook_for_site(spec.site)  # the same SAE for SAELens (sae.saelens: input scale folded in)
-    save_saelens(sae, tmp / "sae_lens", model_name=spec.model, hook_name=hook_name, hook_layer=layer,
-                 context_size=spec.context_length, dataset=spec.corpus)
+    save_sae(sae, tmp / SAE_DIR)
+    # what an export needs besides the weights, kept in result.json so `python -m sae.export` can redo this later
+    activations = {key: getattr(spec, key) for key in SPEC_KEYS.values()}
+    write_saelens(sae, tmp / SAELENS_DIR, **spec_metadata(activations))  # the same SAE for SAELens, scale folded in
     (tmp / "plots").mkdir()
     if report.fit is not None:
         plot_importance(report.importance, report.fit).savefig(tmp / "plots" / "power_law.png", dpi=110)
@@ -319,7 +318,7 @@ def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report
                                 ).savefig(tmp / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
     result = {
         "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
-        "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, **resolved,
+        "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, **activations, **resolved,
                      "lr": spec.train_config(point, resolved["device"]).learning_rate(point["n_latents"])},
     }
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1))

@@ -21,19 +21,21 @@ Architectures:
                 group boundaries go to `metadata.matryoshka_widths` (cumulative, ending at d_sae, as SAELens's
                 Matryoshka config names them), so prefix i is latents [0, matryoshka_widths[i]).
 
-Usage (a sweep writes this for every point, in the bundle's `sae_lens/`, logged to MLflow beside `sae/`):
+Usage (a sweep writes this for every point, in the bundle's `sae_lens/`, logged to MLflow beside `sae/`, through
+`sae.export.write_saelens`, which also names the hook and the model; `python -m sae.export` does it for any
+earlier bundle or checkpoint):
 
     from sae.checkpoint import load_sae
     from sae.saelens import hook_for_site, save_saelens
     hook_name, layer = hook_for_site("resid_post.15")  # -> "blocks.15.hook_resid_post", 15
-    save_saelens(load_sae("path/to/sae"), "path/to/sae_lens", model_name="smollm2-135m", hook_name=hook_name,
-                 hook_layer=layer, context_size=128, dataset="wiki-extracts")
+    save_saelens(load_sae("path/to/sae"), "path/to/sae_lens", model_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                 hook_name=hook_name, hook_layer=layer, context_size=128, dataset="wiki-extracts")
 
     from sae_lens import SAE                     # in an environment with sae-lens >= 6
     sae = SAE.load_from_disk("path/to/sae_lens")  # raw activations in, raw reconstructions out
 
-`model_name` is whatever names the model to us (e.g. our embedded "smollm2-135m", SmolLM2-135M-Instruct); a
-HookedTransformer may know it by another name.
+`model_name` should be a name SAELens / TransformerLens know: `sae.lm.hub_model_name` turns our embedded alias
+("smollm2-135m") into its hub model.
 """
 
 from __future__ import annotations
@@ -73,22 +75,39 @@ def saelens_architecture(sae) -> str:
 
 
 @torch.no_grad()
-def saelens_tensors(sae, dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """The weights SAELens loads, with `input_scale` folded in (computed in float64, then cast to `dtype`)."""
+def fold_input_scale(sae) -> dict[str, torch.Tensor]:
+    """W_enc, b_enc, W_dec, b_dec (our layouts, float64 on the CPU) with `input_scale` folded in, so raw activations
+    go in and raw reconstructions come out (the module docstring's algebra). Every export starts from these."""
+    s = float(sae.cfg.input_scale)
+    W_enc, b_enc = sae.W_enc.detach().double().cpu(), sae.b_enc.detach().double().cpu()
+    W_dec, b_dec = sae.W_dec.detach().double().cpu(), sae.b_dec.detach().double().cpu()
+    return {"W_enc": W_enc * s, "W_dec": W_dec / s, "b_enc": b_enc, "b_dec": b_dec / s}
+
+
+def cast_finite(tensors: dict[str, torch.Tensor], dtype: str, sae, fmt: str) -> dict[str, torch.Tensor]:
+    """`tensors` cast to `dtype` (contiguous, CPU); a NaN/Inf after the cast raises ValueError naming the tensor."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    s = float(sae.cfg.input_scale)
-    W_enc, b_enc = sae.W_enc.detach().double(), sae.b_enc.detach().double()
-    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
-    out = {"W_enc": W_enc * s, "W_dec": W_dec / s, "b_enc": b_enc, "b_dec": b_dec / s}
+    out = {k: v.to(DTYPES[dtype]).cpu().contiguous() for k, v in tensors.items()}
+    for name, t in out.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{fmt} export: tensor {name} holds NaN/Inf after folding input_scale="
+                             f"{sae.cfg.input_scale} and casting to {dtype}; export a finite SAE")
+    return out
+
+
+@torch.no_grad()
+def saelens_tensors(sae, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The weights SAELens loads, with `input_scale` folded in (computed in float64, then cast to `dtype`)."""
+    out = fold_input_scale(sae)
     if saelens_architecture(sae) == "jumprelu":
         thr = float(sae.threshold.clamp_min(0))  # our rule keeps pre > max(threshold, 0)
-        out["threshold"] = torch.full_like(b_enc, thr)
-    return {k: v.to(DTYPES[dtype]).cpu().contiguous() for k, v in out.items()}
+        out["threshold"] = torch.full_like(out["b_enc"], thr)
+    return cast_finite(out, dtype, sae, "SAELens")
 
 
-def saelens_config(sae, *, model_name: str, hook_name: str, hook_layer: int, context_size: int, dataset: str,
-                   dtype: str = "float32", device: str = "cpu", prepend_bos: bool = True,
+def saelens_config(sae, *, model_name: str, hook_name: str, hook_layer: int, context_size: int,
+                   dataset: str | None, dtype: str = "float32", device: str = "cpu", prepend_bos: bool = True,
                    seqpos_slice: tuple[int | None, ...] = (1, None),
                    metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """SAELens v6's cfg.json for the export: the config fields of its inference class plus `metadata`.
@@ -121,7 +140,7 @@ def saelens_config(sae, *, model_name: str, hook_name: str, hook_layer: int, con
 
 
 def save_saelens(sae, directory: str | os.PathLike, *, model_name: str, hook_name: str, hook_layer: int,
-                 context_size: int, dataset: str, dtype: str = "float32", device: str = "cpu",
+                 context_size: int, dataset: str | None, dtype: str = "float32", device: str = "cpu",
                  prepend_bos: bool = True, seqpos_slice: tuple[int | None, ...] = (1, None),
                  metadata: Mapping[str, Any] | None = None) -> Path:
     """Write `sae` as `directory`/sae_weights.safetensors + cfg.json (created or atomically replaced).
@@ -133,10 +152,6 @@ def save_saelens(sae, directory: str | os.PathLike, *, model_name: str, hook_nam
                             context_size=context_size, dataset=dataset, dtype=dtype, device=device,
                             prepend_bos=prepend_bos, seqpos_slice=seqpos_slice, metadata=metadata)
     tensors = saelens_tensors(sae, dtype)
-    for name, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise ValueError(f"SAELens export: tensor {name} holds NaN/Inf after folding input_scale="
-                             f"{sae.cfg.input_scale}; export a finite SAE")
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
 
     def write(tmp: Path) -> None:

@@ -17,6 +17,16 @@ D, N, K = 12, 48, 5
 RAW_SCALE = 37.0  # raw activations far from norm sqrt(d): a missing or inverted fold cannot pass
 KINDS = {"topk": ("topk", None), "batchtopk": ("batchtopk", None), "matryoshka_topk": ("topk", (8, 24, 48)),
          "matryoshka_batchtopk": ("batchtopk", (12, 48))}
+# The cfg.json keys sae-lens 6.54.12 reads: SAE.load_from_disk -> handle_config_defaulting (metadata.sae_lens_version
+# >= 6 skips the legacy converter) -> SAEConfig.from_dict, whose `architecture` picks the config dataclass and keeps
+# its fields (saes/sae.py SAEConfig; saes/topk_sae.py TopKSAEConfig adds k, rescale_acts_by_decoder_norm).
+SAELENS_BASE_FIELDS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                       "normalize_activations", "reshape_activations", "metadata"}
+SAELENS_V6_FIELDS = {"topk": SAELENS_BASE_FIELDS | {"k", "rescale_acts_by_decoder_norm"},
+                     "jumprelu": SAELENS_BASE_FIELDS}
+# metadata SAELens itself reads (HookedSAETransformer, the activation store, evals), beyond the version
+SAELENS_METADATA = {"sae_lens_version", "model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos",
+                    "dataset_path", "seqpos_slice"}
 
 
 def _sae(kind: str, seed: int = 0) -> SparseAutoencoder:
@@ -72,6 +82,7 @@ def test_format_is_saelens_v6(tmp_path, kind):
         shapes["threshold"] = (N,)
     assert {k: tuple(t.shape) for k, t in w.items()} == shapes  # load_state_dict is strict: no extra tensors
     assert all(t.dtype == torch.float32 for t in w.values())
+    assert set(cfg) == SAELENS_V6_FIELDS[arch] and SAELENS_METADATA <= set(cfg["metadata"])
     assert cfg["architecture"] == arch and cfg["d_in"] == D and cfg["d_sae"] == N
     assert cfg["dtype"] == "float32" and cfg["device"] == "cpu"
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
