@@ -278,7 +278,7 @@ class SweepSpec(_Strict):
         return int(SITE_PATTERN.match(self.site).group(2))
 
     def resolved_tracking_uri(self) -> str:
-        return absolute_tracking_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+        return default_tracking_uri(self.tracking_uri)
 
     def to_yaml(self) -> str:
         """The validated spec with every default filled in: what the sweep's parent run stores as spec.yaml."""
@@ -392,6 +392,11 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str((home() / uri[len(prefix):]).resolve())
     return uri
+
+
+def default_tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else the project's store (DEFAULT_TRACKING_URI), made absolute."""
+    return absolute_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def resolve_path(path: str) -> str:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -48,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
 
         from orchestrator.frontier import L0_BINS_PER_OCTAVE, PRIMARY_RULE, matched_l0_table
-        from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri, resolve_path
+        from orchestrator.spec import default_tracking_uri, resolve_path
         from orchestrator.sweep import compare, frontier_table
 
-        uri = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+        uri = default_tracking_uri(args.tracking_uri)
         frontier, out = compare(args.compare, uri, resolve_path(args.out))
         print(f"activations: {(out / 'activations.txt').read_text().strip()}")
         print(f"\n=== frontier (size vs FVU, Pareto per G, {PRIMARY_RULE} rule) ===")

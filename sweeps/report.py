@@ -8,14 +8,13 @@ Writes <out>/<NAME>/REPORT.md and its figures, and logs that folder under `repor
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri, resolve_path  # noqa: E402
+from orchestrator.spec import default_tracking_uri, resolve_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from orchestrator.report import make_report
 
-    uri = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    uri = default_tracking_uri(args.tracking_uri)
     try:
         folder = make_report(uri, args.experiment, Path(resolve_path(args.out)), args.parent)
     except ValueError as err:
