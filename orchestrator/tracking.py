@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -26,6 +28,7 @@ from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, points_from_config
 from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
+from sae.export import SAE_DIR, SAELENS_DIR
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
 TUNE_TRIAL_TAG = "sae_frontier.tune_trial"  # the Tune trial that last ran the point (information only)
@@ -33,6 +36,9 @@ ERROR_TAG = "sae_frontier.error"  # why a point's run FAILED
 POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key): a child run's identity
 SPEC_HASH_TAG = "sae_frontier.spec_hash"
 PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "sae_frontier.kind"  # "sweep" on a parent run, "trial" on a child run
+BUNDLE_DIRS = (SAE_DIR, SAELENS_DIR, "plots")  # a trial bundle's folders, logged as artifact folders of the same names
+SPEC_ARTIFACT = "spec.yaml"  # the sweep's validated spec, on its parent run
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
@@ -92,9 +98,9 @@ class Tracker:
             return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={SWEEP_KEY_TAG: sweep_key, SPEC_HASH_TAG: spec_hash, "sae_frontier.kind": "sweep"},
+            tags={SWEEP_KEY_TAG: sweep_key, SPEC_HASH_TAG: spec_hash, KIND_TAG: "sweep"},
         )
-        self.client.log_text(run.info.run_id, spec_yaml, "spec.yaml")
+        self.client.log_text(run.info.run_id, spec_yaml, SPEC_ARTIFACT)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -122,7 +128,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={PARENT_TAG: parent_id, POINT_KEY_TAG: point_key, TUNE_TRIAL_TAG: tune_trial,
-                  "sae_frontier.kind": "trial"},
+                  KIND_TAG: "trial"},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -178,7 +184,7 @@ class Tracker:
         self.log_metrics(run_id, result["final"])
         self.log_curves(run_id, result["curves"])
         self.log_params(run_id, {f"resolved.{k}": v for k, v in result.get("resolved", {}).items()})
-        for sub in ("sae", "sae_lens", "plots"):
+        for sub in BUNDLE_DIRS:
             if (bundle / sub).is_dir():
                 self.log_artifacts(run_id, bundle / sub, sub)
         self.client.log_artifact(run_id, str(bundle / RESULT_FILE))
@@ -198,7 +204,7 @@ class Tracker:
             if exp is None:
                 raise ValueError(f"experiment {name!r} not found in {self.tracking_uri}")
             ids.append(exp.experiment_id)
-        query = "tags.`sae_frontier.kind` = 'trial' and attributes.status = 'FINISHED'"
+        query = f"tags.`{KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'"
         if parent_id:
             query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
         exp_names = dict(zip(ids, experiment_names, strict=True))
@@ -233,6 +239,45 @@ class Tracker:
 
     def runs_of(self, parent_id: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=5000)
+
+
+def download_trial_bundle(tracking_uri: str, run_id: str, dst: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Read a trial run back as a bundle: its `sae/` and result.json (as `log_trial_bundle` logged them) into `dst`,
+    plus its sweep's spec (the parent run's spec.yaml as a dict; {} if there is none). Reads only.
+
+    A store that does not exist, a run it does not hold, a sweep's parent run or a run without a trained SAE (a
+    failed point) raises ValueError saying which run to give instead.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"--tracking-uri: no MLflow store at {tracking_uri}; give the store that holds the run "
+                         "(or set MLFLOW_TRACKING_URI)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"run {run_id} is not in {tracking_uri} ({e.error_code}): give --tracking-uri of the store "
+                         "that holds it") from e
+    tags = run.data.tags
+    if tags.get(KIND_TAG) == "sweep":
+        raise ValueError(f"run {run_id} is the parent run of sweep {run.info.run_name!r}: give one of its trial runs "
+                         "(the child runs, one per grid point)")
+    if not client.list_artifacts(run_id, SAE_DIR):
+        raise ValueError(f"run {run_id} ({run.info.status}) has no {SAE_DIR}/ artifact: only a finished trial run "
+                         "holds a trained SAE")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    client.download_artifacts(run_id, SAE_DIR, str(dst))
+    if any(a.path == RESULT_FILE for a in client.list_artifacts(run_id)):
+        client.download_artifacts(run_id, RESULT_FILE, str(dst))
+    spec: dict[str, Any] = {}
+    parent = tags.get(PARENT_TAG)
+    if parent and any(a.path == SPEC_ARTIFACT for a in client.list_artifacts(parent)):
+        with tempfile.TemporaryDirectory(prefix="sae-spec-") as tmp:
+            loaded = yaml.safe_load(Path(client.download_artifacts(parent, SPEC_ARTIFACT, tmp)).read_text())
+        spec = loaded if isinstance(loaded, dict) else {}
+    return dst, spec
 
 
 def _is_number(v: Any) -> bool:

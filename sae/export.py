@@ -217,9 +217,12 @@ def export(source: str | os.PathLike, to: Format, out: str | os.PathLike, *, dty
     return write_saelens(load_sae(sae_dir), target, dtype=dtype, **merged)
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+SOURCE_HELP = "a trial bundle (sae/ + result.json) or an SAE checkpoint folder (cfg.json + sae.safetensors)"
+
+
+def build_parser(prog: str, description: str, source_help: str = SOURCE_HELP) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("source", metavar="PATH", help="a trial bundle (sae/ + result.json) or an SAE checkpoint folder")
+    p.add_argument("source", metavar="PATH", help=source_help)
     p.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
     p.add_argument("out", metavar="OUT", help="the folder to write (new, empty, or an earlier export to replace)")
     p.add_argument("--model", default=None, help="SAELens: the model (default: the bundle's; an embedded alias "
@@ -245,11 +248,11 @@ def _positive_int(text: str) -> int:
 Resolve = Callable[[argparse.Namespace, contextlib.ExitStack], tuple[str, dict[str, Any]]]
 
 
-def cli(argv: list[str] | None, *, prog: str, description: str,
+def cli(argv: list[str] | None, *, prog: str, description: str, source_help: str = SOURCE_HELP,
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, resolve: Resolve | None = None) -> int:
     """Parse, export, print where it went; bad input exits 2 with one line. `resolve(args, stack)` turns the PATH
     argument into (local source, default metadata) — orchestrator.export downloads a run there."""
-    parser = build_parser(prog, description)
+    parser = build_parser(prog, description, source_help)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""`python -m sae.export`: a trial bundle or a bare checkpoint exported for SAELens and sparsify. The files are
-checked against each format's field list (SAELens v6's loader; sparsify's SparseCoder.load_from_disk), and raw
-activations run through the exported tensors (each format's forward, re-implemented here in a few lines) give our
-SAE's reconstruction."""
+"""`python -m sae.export` and `python -m orchestrator.export`: a trial bundle, a bare checkpoint or an MLflow run
+exported for SAELens and sparsify. The files are checked against each format's field list (SAELens v6's loader;
+sparsify's SparseCoder.load_from_disk), and raw activations run through the exported tensors (each format's
+forward, re-implemented here in a few lines) give our SAE's reconstruction."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from test_saelens import (
     saelens_forward,
 )
 
+from orchestrator import export as run_export
 from orchestrator.spec import SweepSpec, make_point
+from orchestrator.tracking import Tracker
 from orchestrator.trial import _write_bundle
 from sae.checkpoint import save_sae
 from sae.evaluate import EvalReport
@@ -197,3 +199,49 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys):
     assert main([str(bundle), "--to", "sparsify", str(tmp_path / "sp"), "--dtype", "bfloat16"]) == 0
     assert read_sparsify(tmp_path / "sp")[1]["W_dec"].dtype == torch.bfloat16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "points", "sp"]  # no temporary folders left
+
+
+def test_run_id_exports_what_the_local_bundle_exports(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp")
+    spec = _spec()
+    parent = tracker.parent_run("sweep", name="sweep", spec_hash="h", spec_yaml=spec.to_yaml(), params={})
+    sae = _sae("matryoshka_topk")
+    bundle = _bundle(tmp_path / "new", sae, spec)
+    # a bundle from a sweep before result.json recorded the activations (like those already in .cache)
+    old = _bundle(tmp_path / "old", _sae("topk", seed=4), spec)
+    result = json.loads((old / "result.json").read_text())
+    result["resolved"] = {k: v for k, v in result["resolved"].items() if k not in ACTIVATIONS}
+    (old / "result.json").write_text(json.dumps(result))
+    runs = {}
+    for name, folder in (("new", bundle), ("old", old)):
+        runs[name] = tracker.child_run(parent, name, tune_trial=name, name=name, params={})
+        tracker.log_trial_bundle(runs[name], folder)
+        tracker.finish(runs[name])
+
+    for to in ("saelens", "sparsify"):
+        local, remote = tmp_path / f"local-{to}", tmp_path / f"remote-{to}"
+        assert main([str(bundle), "--to", to, str(local)]) == 0
+        assert run_export.main([runs["new"], "--to", to, str(remote), "--tracking-uri", uri]) == 0
+        assert _files(remote) == _files(local)
+    # the old run: its sweep's spec (the parent run's spec.yaml) supplies what its result.json lacks
+    assert main([str(old), "--to", "saelens", str(tmp_path / "old-local")]) == 2
+    assert "give --model, --site, --context-size" in capsys.readouterr().err
+    assert run_export.main([runs["old"], "--to", "saelens", str(tmp_path / "old-remote"), "--tracking-uri", uri]) == 0
+    assert main([str(old), "--to", "saelens", str(tmp_path / "old-local"), "--model", "smollm2-135m", "--site",
+                 "resid_post.3", "--context-size", "64", "--dataset", "wiki-extracts"]) == 0
+    assert _files(tmp_path / "old-remote") == _files(tmp_path / "old-local")
+    # a local path goes through orchestrator.export as through sae.export
+    assert run_export.main([str(bundle), "--to", "sparsify", str(tmp_path / "via-path")]) == 0
+    assert _files(tmp_path / "via-path") == _files(tmp_path / "local-sparsify")
+
+    capsys.readouterr()
+    assert run_export.main([parent, "--to", "saelens", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
+    assert "parent run of sweep" in capsys.readouterr().err
+    missing = "f" * 32
+    assert run_export.main([missing, "--to", "saelens", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
+    assert f"run {missing} is not in" in capsys.readouterr().err
+    nowhere = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    assert run_export.main([runs["new"], "--to", "saelens", str(tmp_path / "x"), "--tracking-uri", nowhere]) == 2
+    assert "--tracking-uri: no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "x").exists()  # no store created, nothing written
