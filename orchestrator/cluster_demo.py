@@ -268,9 +268,11 @@ def child_runs(demo: Cluster, experiment: str) -> list[dict[str, Any]]:
     """The sweep's child runs in the MLflow server: status and top-level artifact paths of each."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.tracking import KIND_TAG
+
     client = MlflowClient(demo.tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'trial'", max_results=1000)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'trial'", max_results=1000)
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
              "artifacts": sorted(a.path for a in client.list_artifacts(r.info.run_id))} for r in runs]
 
