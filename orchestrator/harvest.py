@@ -50,13 +50,13 @@ from orchestrator.shards import (
 )
 from sae.corpus import CorpusOptions, TextUnit, options_key
 from sae.lm import (
-    SITE_KINDS,
     check_site,
     compute_dtype_for,
     describe_model,
     harvest_activations,
     load_lm,
     load_tokenizer,
+    site_from_name,
 )
 from sae.lm import resolve_revision as _resolve_revision
 from sae.messages import name_list
@@ -111,9 +111,7 @@ class HarvestConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
-        kind = self.site.rpartition(".")[0]
-        if kind not in SITE_KINDS or not self.site.rpartition(".")[2].isdigit():
-            raise ValueError(f"site must be one of {{{', '.join(SITE_KINDS)}}}.L, got {self.site!r}")
+        site_from_name(self.site)  # its error names the site kinds
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {name_list(STORAGE_DTYPES)}, got {self.dtype!r}")
         for name in ("tokens", "num_actors", "batch_size", "shard_rows"):

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sae.config import AuxLoss, ComputeDType, SAEConfig, TrainConfig
 from sae.corpus import CorpusOptions, TextUnit, default_label_column
 from sae.evaluate import PRIMARY_RULE, EvalOptions
+from sae.lm import site_from_name
 from sae.matryoshka import partition_label, resolve_partition
 from sae.messages import name_list
 from sae.prune import RULES
@@ -27,7 +28,6 @@ from sae.prune import RULES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
-SITE_PATTERN = re.compile(r"^(resid_post|resid_pre|mlp_out|attn_out)\.(\d+)$")
 
 
 class SpecError(ValueError):
@@ -225,8 +225,7 @@ class SweepSpec(_Strict):
     @field_validator("site")
     @classmethod
     def _site(cls, v: str) -> str:
-        if not SITE_PATTERN.match(v):
-            raise ValueError(f"site must be one of resid_post.L, resid_pre.L, mlp_out.L, attn_out.L, got {v!r}")
+        site_from_name(v)  # its error names the site kinds
         return v
 
     @model_validator(mode="after")
@@ -275,7 +274,7 @@ class SweepSpec(_Strict):
 
     @property
     def layer(self) -> int:
-        return int(SITE_PATTERN.match(self.site).group(2))
+        return site_from_name(self.site).layer
 
     def resolved_tracking_uri(self) -> str:
         return default_tracking_uri(self.tracking_uri)

@@ -197,8 +197,8 @@ def export(source: str | os.PathLike, to: Format, out: str | os.PathLike, *, dty
     """
     if to not in FORMATS:
         raise ValueError(f"to must be one of {list(FORMATS)}, got {to!r}")
-    if dtype not in saelens.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(saelens.DTYPES)}, got {dtype!r}")
+    if dtype not in saelens.EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(saelens.EXPORT_DTYPES)}, got {dtype!r}")
     if unknown := sorted(set(metadata) - set(SPEC_KEYS)):
         raise TypeError(f"export() got unknown metadata {unknown}; it takes {list(SPEC_KEYS)}")
     sae_dir, recorded, what = locate(source)
@@ -231,7 +231,7 @@ def build_parser(prog: str, description: str, source_help: str = SOURCE_HELP) ->
     p.add_argument("--context-size", type=_positive_int, default=None,
                    help="SAELens: tokens per context the SAE was trained on (default: the bundle's)")
     p.add_argument("--dataset", default=None, help="SAELens: the corpus (default: the bundle's, else none)")
-    p.add_argument("--dtype", default="float32", choices=sorted(saelens.DTYPES), help="the exported weights' dtype")
+    p.add_argument("--dtype", default="float32", choices=sorted(saelens.EXPORT_DTYPES), help="the exported weights' dtype")
     return p
 
 

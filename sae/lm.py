@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from sae.assets import converted_gguf, file_sha256, smollm2_gguf_path
+from sae.model import DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
                 "gpt_neox.layers", "transformer.layers", "transformer.blocks", "layers", "h")
@@ -232,18 +232,26 @@ def valid_sites(n_layers: int) -> str:
     return f"{{{', '.join(SITE_KINDS)}}}.L with L in 0..{n_layers - 1}"
 
 
+def site_from_name(site: str) -> Site:
+    """'resid_post.15' -> Site('resid_post', 15), for any model (check_site also checks the layer exists)."""
+    kind, _, layer = str(site).rpartition(".")
+    if kind not in SITE_KINDS or not layer.isdigit():
+        raise ValueError(f"site {site!r} is not a site name: use {{{', '.join(SITE_KINDS)}}}.L with L a layer index")
+    return Site(kind, int(layer))
+
+
 def check_site(site: str | Site, n_layers: int, model: str = "the model") -> Site:
     """'resid_post.15' -> Site('resid_post', 15); errors list the valid sites for a model of n_layers."""
     if isinstance(site, Site):
         site = site.name
-    kind, _, layer = str(site).rpartition(".")
-    if kind not in SITE_KINDS or not layer.lstrip("-").isdigit():
-        raise ValueError(f"site {site!r} is not a known site; valid sites for {model} are {valid_sites(n_layers)}")
-    idx = int(layer)
-    if not 0 <= idx < n_layers:
-        raise ValueError(f"site {site!r}: layer {idx} is out of range for {model} ({n_layers} layers); "
+    try:
+        parsed = site_from_name(site)
+    except ValueError:
+        raise ValueError(f"site {site!r} is not a known site; valid sites for {model} are {valid_sites(n_layers)}") from None
+    if not parsed.layer < n_layers:
+        raise ValueError(f"site {site!r}: layer {parsed.layer} is out of range for {model} ({n_layers} layers); "
                          f"valid sites are {valid_sites(n_layers)}")
-    return Site(kind, idx)
+    return parsed
 
 
 def parse_site(site: str | Site, lm: LoadedLM) -> Site:

@@ -21,8 +21,11 @@ from sae.config import SAEConfig
 BATCHTOPK_ROW_CAP = 4  # in training, one token may keep at most this many times k latents (bounds memory)
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the one name table
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def geometric_median(x: Tensor, *, iters: int = 100, tol: float = 1e-6) -> Tensor:

@@ -50,23 +50,21 @@ import torch
 from safetensors.torch import save_file
 
 from sae.checkpoint import write_dir_atomic
+from sae.lm import SITE_KINDS, site_from_name
+from sae.model import DTYPES
 
 WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
 CONFIG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
 # metadata.sae_lens_version: SAELens reads a cfg.json below 6.0 (or without a version) with its legacy converter
 FORMAT_VERSION = "6.0.0"
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SITE_HOOKS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out",
-              "attn_out": "hook_attn_out"}
+EXPORT_DTYPES = {**DTYPES, "float64": torch.float64}
+SITE_HOOKS = {kind: f"hook_{kind}" for kind in SITE_KINDS}  # TransformerLens names its hooks after the same kinds
 
 
 def hook_for_site(site: str) -> tuple[str, int]:
     """Our site name -> (TransformerLens hook name, layer): 'resid_post.15' -> ('blocks.15.hook_resid_post', 15)."""
-    kind, _, layer = site.rpartition(".")
-    if kind not in SITE_HOOKS or not layer.isdigit():
-        raise ValueError(f"site {site!r} has no SAELens hook name: use one of "
-                         f"{', '.join(f'{k}.L' for k in SITE_HOOKS)} with L a layer index")
-    return f"blocks.{int(layer)}.{SITE_HOOKS[kind]}", int(layer)
+    parsed = site_from_name(site)
+    return f"blocks.{parsed.layer}.{SITE_HOOKS[parsed.kind]}", parsed.layer
 
 
 def saelens_architecture(sae) -> str:
@@ -86,9 +84,9 @@ def fold_input_scale(sae) -> dict[str, torch.Tensor]:
 
 def cast_finite(tensors: dict[str, torch.Tensor], dtype: str, sae, fmt: str) -> dict[str, torch.Tensor]:
     """`tensors` cast to `dtype` (contiguous, CPU); a NaN/Inf after the cast raises ValueError naming the tensor."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    out = {k: v.to(DTYPES[dtype]).cpu().contiguous() for k, v in tensors.items()}
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    out = {k: v.to(EXPORT_DTYPES[dtype]).cpu().contiguous() for k, v in tensors.items()}
     for name, t in out.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"{fmt} export: tensor {name} holds NaN/Inf after folding input_scale="
@@ -117,8 +115,8 @@ def saelens_config(sae, *, model_name: str, hook_name: str, hook_layer: int, con
     """
     cfg = sae.cfg
     arch = saelens_architecture(sae)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     meta: dict[str, Any] = {
         "sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": model_name, "hook_name": hook_name, "hook_layer": int(hook_layer), "hook_head_index": None,

@@ -190,7 +190,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys):
     assert "is or holds the source" in capsys.readouterr().err and _files(bundle / "sae") == before
     assert main([str(bundle / "sae"), "--to", "saelens", str(tmp_path / "a"), "--model", "m", "--site", "resid_mid.3",
                  "--context-size", "8"]) == 2
-    assert "site 'resid_mid.3' has no SAELens hook name" in capsys.readouterr().err
+    assert "site 'resid_mid.3' is not a site name" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(bundle), "--to", "saelens", str(tmp_path / "a"), "--context-size", "0"])
     assert "--context-size: must be a positive integer" in capsys.readouterr().err

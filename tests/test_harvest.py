@@ -124,7 +124,7 @@ def test_interrupted_and_corrupted_harvest_resumes_to_the_same_shards(store, tmp
 def test_bad_inputs(ray_local, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         config(tmp_path, dtype="float64")
-    with pytest.raises(ValueError, match="site must be one of"):
+    with pytest.raises(ValueError, match="is not a site name"):
         config(tmp_path, site="resid_mid.3")
     with pytest.raises(ValueError, match="tokens must be a positive"):
         config(tmp_path, tokens=0)

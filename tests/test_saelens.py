@@ -144,7 +144,7 @@ def test_hook_for_site():
     assert hook_for_site("mlp_out.7") == ("blocks.7.hook_mlp_out", 7)
     assert hook_for_site("attn_out.2") == ("blocks.2.hook_attn_out", 2)
     for bad in ("resid_mid.3", "resid_post", "resid_post.-1", "blocks.3.hook_resid_post"):
-        with pytest.raises(ValueError, match="no SAELens hook name"):
+        with pytest.raises(ValueError, match="is not a site name"):
             hook_for_site(bad)
 
 
