@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import stats  # noqa: E402
-from orchestrator.tracking import KIND_TAG, PARENT_TAG, parse_curve_key  # noqa: E402
+from orchestrator.tracking import PARENT_TAG, latest_sweep_run, parse_curve_key  # noqa: E402
 
 GRID = ["n_latents", "k", "architecture", "partition", "seed"]
 TRAINING_COLUMNS = ["run_id", "metric", "step", "value"]  # train/fvu and train/prefix_fvu/<m>, step = tokens seen
@@ -64,11 +64,10 @@ def latest_parent(client: MlflowClient, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"--experiment: no MLflow experiment {experiment!r} in {client.tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'sweep' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    run = latest_sweep_run(client, [exp.experiment_id], finished=True)
+    if run is None:
         raise ValueError(f"experiment {experiment!r} has no FINISHED sweep run; finish the sweep or pass --parent RUN_ID")
-    return runs[0].info.run_id
+    return run.info.run_id
 
 
 def load_sweep(client: MlflowClient, experiment: str, parent_id: str | None = None) -> Sweep:

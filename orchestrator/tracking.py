@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,6 +40,14 @@ PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "sae_frontier.kind"  # "sweep" on a parent run, "trial" on a child run
 BUNDLE_DIRS = (SAE_DIR, SAELENS_DIR, "plots")  # a trial bundle's folders, logged as artifact folders of the same names
 SPEC_ARTIFACT = "spec.yaml"  # the sweep's validated spec, on its parent run
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces, no runs) unless told otherwise. The kind tag is what
+# its experiment-type selector reads and writes; the page itself follows the URL's `workflowType` parameter (else
+# the last choice, kept in the browser), so the links this module builds carry WORKFLOW_QUERY as well.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind
+WORKFLOW_QUERY = "workflowType=machine_learning"
+UI_URL_ENV = "SAE_FRONTIER_UI_URL"  # where the UI of a SQLite/file store is served
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `make ui`'s default UI_HOST and UI_PORT
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
@@ -78,9 +87,15 @@ class Tracker:
             if found is None:
                 root = _artifact_root(tracking_uri)
                 location = f"{root}/{experiment}" if root else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 self.experiment_id = found.experiment_id
+                if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # an experiment made before the tag
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+    def run_url(self, run_id: str) -> str:
+        return run_url(self.tracking_uri, self.experiment_id, run_id)
 
     # ---- runs ------------------------------------------------------------------------------------------------
     def _find(self, filter_string: str) -> str | None:
@@ -278,6 +293,41 @@ def download_trial_bundle(tracking_uri: str, run_id: str, dst: str | Path) -> tu
             loaded = yaml.safe_load(Path(client.download_artifacts(parent, SPEC_ARTIFACT, tmp)).read_text())
         spec = loaded if isinstance(loaded, dict) else {}
     return dst, spec
+
+
+def is_tracking_server(tracking_uri: str) -> bool:
+    """An `mlflow server` (which serves its UI too), rather than a store on disk that `make ui` must serve."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """Where a browser finds the MLflow UI of this store: the tracking server itself for an http(s) URI, else
+    $SAE_FRONTIER_UI_URL, else DEFAULT_UI_URL (what `make ui` serves a SQLite or file store on)."""
+    if is_tracking_server(tracking_uri):
+        return tracking_uri.rstrip("/")
+    return (os.environ.get(UI_URL_ENV) or DEFAULT_UI_URL).rstrip("/")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its model-training view (the route MLflow's own run links use)."""
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?{WORKFLOW_QUERY}"
+
+
+def latest_sweep_run(client: MlflowClient, experiment_ids: list[str], *, finished: bool = False) -> Any | None:
+    """The parent run (an mlflow Run) of the sweep started last in these experiments, or None; with `finished`,
+    of the last FINISHED one."""
+    query = f"tags.`{KIND_TAG}` = 'sweep'" + (" and attributes.status = 'FINISHED'" if finished else "")
+    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiment_ids else []
+    return runs[0] if runs else None
+
+
+def newest_sweep_url(tracking_uri: str) -> str | None:
+    """The UI link to the parent run of the sweep started last in any experiment of the store (what `make ui`
+    prints), or None when the store holds no sweep."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = latest_sweep_run(client, [e.experiment_id for e in client.search_experiments()])
+    return run_url(tracking_uri, run.info.experiment_id, run.info.run_id) if run else None
 
 
 def _is_number(v: Any) -> bool:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from orchestrator.tracking import PARENT_TAG, Tracker
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.evidence import latest_parent
+from orchestrator.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    PARENT_TAG,
+    UI_URL_ENV,
+    Tracker,
+    latest_sweep_run,
+    newest_sweep_url,
+    run_url,
+)
 
 
 @pytest.fixture
@@ -46,3 +59,50 @@ def test_resume_with_another_spec_is_refused(tracker):
     tracker.check_resumable("sweep-1", "h1")
     with pytest.raises(ValueError, match="another spec"):
         tracker.check_resumable("sweep-1", "h2")
+
+
+def test_a_new_experiment_opens_in_the_model_training_view(tracker):
+    assert EXPERIMENT_KIND_TAG == "mlflow.experimentKind" and EXPERIMENT_KIND == "custom_model_development"
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_an_existing_experiment_is_tagged_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    plain = client.create_experiment("made-before-the-tag")  # no kind: the UI shows it as GenAI
+    genai = client.create_experiment("set-to-genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name, exp_id in (("made-before-the-tag", plain), ("set-to-genai", genai)):
+        assert Tracker(uri, name).experiment_id == exp_id
+        assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+        assert Tracker(uri, name).experiment_id == exp_id  # again: the same experiment, the same tag
+        assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert len(client.search_experiments()) == 3  # the two above and MLflow's Default
+
+
+def test_run_url_points_at_the_ui_of_the_store(monkeypatch):
+    monkeypatch.delenv(UI_URL_ENV, raising=False)
+    route = "#/experiments/7/runs/abc123?workflowType=machine_learning"
+    assert run_url("sqlite:////data/mlflow/mlflow.db", "7", "abc123") == f"http://127.0.0.1:5000/{route}"
+    assert run_url("file:///data/mlruns", "7", "abc123") == f"http://127.0.0.1:5000/{route}"
+    assert run_url("https://mlflow.lab.example:8443/", "7", "abc123") == f"https://mlflow.lab.example:8443/{route}"
+    monkeypatch.setenv(UI_URL_ENV, "http://127.0.0.1:5001/")  # `make ui UI_PORT=5001`, or a tunnel's port
+    assert run_url("sqlite:////data/mlflow/mlflow.db", "7", "abc123") == f"http://127.0.0.1:5001/{route}"
+    assert run_url("http://10.0.0.5:5000", "7", "abc123") == f"http://10.0.0.5:5000/{route}"  # a server: itself
+
+
+def test_newest_sweep_is_the_last_parent_run_of_any_experiment(tmp_path, monkeypatch):
+    monkeypatch.delenv(UI_URL_ENV, raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert newest_sweep_url(uri) is None
+    first, second = Tracker(uri, "exp-a"), Tracker(uri, "exp-b")
+    old = first.parent_run("s1", name="s1", spec_hash="h", spec_yaml="", params={})
+    time.sleep(0.01)  # start times are in milliseconds
+    new = second.parent_run("s2", name="s2", spec_hash="h", spec_yaml="", params={})
+    time.sleep(0.01)
+    first.child_run(old, "p", tune_trial="t", name="p", params={})  # a trial is never the sweep
+    first.finish(old)
+    assert newest_sweep_url(uri) == run_url(uri, second.experiment_id, new) == second.run_url(new)
+    assert latest_sweep_run(first.client, [first.experiment_id, second.experiment_id], finished=True).info.run_id == old
+    assert latest_parent(first.client, "exp-a") == old  # what the claims report reads by default
+    with pytest.raises(ValueError, match="no FINISHED sweep run"):
+        latest_parent(first.client, "exp-b")
