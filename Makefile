@@ -67,7 +67,9 @@ cluster-demo: venv
 stop-cluster: venv
 	ray stop --force
 
+# First the link to the newest sweep's parent run (in the UI's model-training view), then the server.
 ui: venv
+	SAE_FRONTIER_UI_URL=http://$(UI_HOST):$(UI_PORT) $(PY) -m orchestrator.ui
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
 
 bench: venv

@@ -74,6 +74,7 @@ class SweepOutcome:
     experiment_dir: str
     timings: pd.DataFrame | None = None
     pareto_trials: list[dict] | None = None
+    parent_run_url: str = ""  # the parent run in the MLflow UI's model-training view (tracking.run_url)
 
     def cost_summary(self) -> str:
         """Where the time went, and what the shared harvest saved against N runs that each harvest."""
@@ -328,7 +329,7 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
     timings = pd.DataFrame([{"run_name": r.info.run_name, **{k: r.data.metrics.get(k, float("nan")) for k in TIMING_METRICS}}
                             for r in tracker.runs_of(parent)])
     outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path,
-                           timings)
+                           timings, parent_run_url=tracker.run_url(parent))
     if errors:
         raise PointsFailed(outcome, [" ".join(e.split()) for e in errors])
     if search == "optuna":

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from orchestrator.sweep import PointsFailed, SweepInterrupted, frontier_table, run_sweep
+    from orchestrator.tracking import is_tracking_server
 
     failed: PointsFailed | None = None
     try:
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in outcome.pareto_trials:
             print(t)
     print(f"\n{outcome.cost_summary()}\nparent run {outcome.parent_run_id} in experiment {outcome.experiment}")
-    print(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {spec.resolved_tracking_uri()})")
+    print(f"the sweep in the MLflow UI:  {outcome.parent_run_url}")
+    uri = spec.resolved_tracking_uri()
+    if not is_tracking_server(uri):  # a server serves its UI already; a store on disk needs one
+        print(f"  (serve this store first: make ui, or mlflow ui --backend-store-uri {uri})")
     if failed is not None:
         print(f"\nfailed: {failed}", file=sys.stderr)
         return 1
