@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from servers import free_port, get_json, serving
 
 from orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +57,9 @@ def test_ray_job_submit_runs_the_sweep_and_writes_mlflow(submitted):
     said = status.stdout + status.stderr  # `ray job status` ends with "Job '<id>' succeeded" (or failed/stopped)
     assert re.search(r"\bsucceeded\b", said, re.I) and not re.search(r"\bfailed\b", said, re.I), said
     assert "frontier of sae-frontier-smoke" in submit.stdout
+    # the sweep ends with its parent run's link in the MLflow UI's model-training view (tracking.run_url)
+    assert re.search(r"the sweep in the MLflow UI:  http://\S+/#/experiments/\d+/runs/[0-9a-f]+\?workflowType=machine_learning",
+                     submit.stdout), submit.stdout[-2000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -78,34 +73,16 @@ def test_ray_job_submit_runs_the_sweep_and_writes_mlflow(submitted):
 def test_mlflow_server_serves_the_runs_over_rest(submitted):
     _home, uri, _, _ = submitted
     port = free_port()
-    server = subprocess.Popen(
-        [BIN / "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
-            time.sleep(1)
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sae-frontier-smoke") as r:
-            exp_id = json.load(r)["experiment"]["experiment_id"]
-        req = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [exp_id], "filter": "tags.`sae_frontier.kind` = 'trial'"}).encode())
-        with urllib.request.urlopen(req) as r:
-            runs = json.load(r)["runs"]
+    with serving([BIN / "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+                  "--workers", "1"], f"{base}/health"):
+        exp_id = get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sae-frontier-smoke")[
+            "experiment"]["experiment_id"]
+        runs = get_json(f"{base}/api/2.0/mlflow/runs/search",
+                        {"experiment_ids": [exp_id], "filter": "tags.`sae_frontier.kind` = 'trial'"})["runs"]
         assert len(runs) == len(load_spec("smoke").trial_points())
         metric_keys = {m["key"] for m in runs[0]["data"]["metrics"]}
         assert "fvu/prune_ez2.masked" in metric_keys and "l0/prune_ez2.reselect" in metric_keys and "power_law/exponent" in metric_keys
         run_id = runs[0]["info"]["run_id"]  # the UI shows the trial's plots, served from the artifact store
         with urllib.request.urlopen(f"{base}/get-artifact?path=plots/power_law.png&run_uuid={run_id}") as r:
             assert r.read(8) == b"\x89PNG\r\n\x1a\n"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
