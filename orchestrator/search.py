@@ -8,6 +8,7 @@ it and a later run with the same study name continues it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator.spec import SweepSpec, absolute_tracking_uri
 from sae.matryoshka import partition_label
 
-OBJECTIVES = ["objective_fvu", "objective_size"]
+OBJECTIVES = ["objective_fvu", "objective_size"]  # both minimised
 
 
 def grid_space(packs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -51,14 +52,26 @@ def study_name(spec: SweepSpec) -> str:
     return spec.optuna.study_name or f"sae-frontier-{spec.name}"
 
 
-def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
+def open_study(spec: SweepSpec) -> optuna.Study:
+    """The sweep's study in its storage, created on first use with both objectives minimised and named after
+    OBJECTIVES (so optuna-dashboard and optuna's plots label them), else loaded as it is."""
     url = optuna_storage_url(spec)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=url, study_name=study_name(spec), directions=["minimize"] * len(OBJECTIVES),
+                                load_if_exists=True)
+    if study.metric_names != OBJECTIVES:
+        with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(OBJECTIVES)
+    return study
+
+
+def optuna_searcher(spec: SweepSpec) -> OptunaSearch:
+    open_study(spec)  # OptunaSearch loads it (load_if_exists), names and all
     return OptunaSearch(
-        metric=OBJECTIVES, mode=["min", "min"], storage=storage, study_name=study_name(spec),
-        sampler=optuna.samplers.NSGAIISampler(seed=spec.optuna.seed),
+        metric=OBJECTIVES, mode=["min"] * len(OBJECTIVES), storage=optuna.storages.RDBStorage(optuna_storage_url(spec)),
+        study_name=study_name(spec), sampler=optuna.samplers.NSGAIISampler(seed=spec.optuna.seed),
     )
 
 

@@ -21,7 +21,7 @@ from test_saelens import read_saelens, saelens_forward
 
 from orchestrator.frontier import CRITERIA, progressive_points
 from orchestrator.report import make_report
-from orchestrator.search import optuna_storage_url, study_name
+from orchestrator.search import OBJECTIVES, optuna_storage_url, study_name
 from orchestrator.spec import load_spec
 from orchestrator.sweep import compare, run_sweep
 from orchestrator.tracking import PARENT_TAG, Tracker
@@ -141,6 +141,7 @@ def test_optuna_study_is_persisted_and_matches_mlflow_frontier(home):
     study = optuna.load_study(study_name=study_name(spec), storage=optuna_storage_url(spec))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
+    assert study.metric_names == OBJECTIVES  # optuna-dashboard labels the objectives with these
     client = MlflowClient(spec.resolved_tracking_uri())
     runs = children(client, spec, outcome.parent_run_id)
     assert len(runs) == 3
