@@ -142,6 +142,9 @@ def test_optuna_study_is_persisted_and_matches_mlflow_frontier(home):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
     assert study.metric_names == OBJECTIVES  # optuna-dashboard labels the objectives with these
+    exp_id = MlflowClient(spec.resolved_tracking_uri()).get_run(outcome.parent_run_id).info.experiment_id
+    assert outcome.parent_run_url.endswith(f"/#/experiments/{exp_id}/runs/{outcome.parent_run_id}"
+                                           "?workflowType=machine_learning")  # what the sweep prints at its end
     client = MlflowClient(spec.resolved_tracking_uri())
     runs = children(client, spec, outcome.parent_run_id)
     assert len(runs) == 3
