@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from orchestrator.spec import tracking_uri_or_default
+from orchestrator.spec import default_tracking_uri
 from orchestrator.tracking import newest_sweep_url
 
 
 def main() -> int:
-    uri = tracking_uri_or_default()
+    uri = default_tracking_uri()
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     url = None if db is not None and not db.exists() else newest_sweep_url(uri)  # never create an empty store
     print(f"the newest sweep:  {url}" if url else f"no sweep in {uri} yet (make frontier runs one)")
