@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import tempfile
 import time
@@ -12,11 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from orchestrator.cluster_demo import free_port  # noqa: F401 - the one free-port finder, re-exported for tests
 
 
 def get_json(url: str, data: dict | None = None) -> Any:
