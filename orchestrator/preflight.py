@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.packing import MB, MemoryEstimate, plan_packs, trial_device, trial_memory
-from orchestrator.spec import SpecError, SweepSpec, resolve_path
+from orchestrator.spec import SpecError, SweepSpec, resolve_path, sqlite_path
 from sae.lm import ModelInfo
 
 GB = 1 << 30
@@ -124,8 +124,8 @@ def check_writable(field: str, path: str, *, need: int) -> None:
 def check_tracking(uri: str, timeout: float = TRACKING_TIMEOUT_S) -> None:
     """The tracking store answers: a local SQLite file or folder must be writable, a server must reply (any HTTP
     status counts: an authenticating server that says 401 is up) within `timeout` seconds, one attempt."""
-    if uri.startswith("sqlite:///"):
-        check_writable("tracking_uri", str(Path(uri.removeprefix("sqlite:///")).parent), need=0)
+    if (db := sqlite_path(uri)) is not None:
+        check_writable("tracking_uri", str(db.parent), need=0)
     elif uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):

@@ -9,14 +9,13 @@ it and a later run with the same study name continues it.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.spec import SweepSpec, absolute_tracking_uri
+from orchestrator.spec import SweepSpec, absolute_tracking_uri, sqlite_path, sqlite_uri
 from sae.matryoshka import partition_label
 
 OBJECTIVES = ["objective_fvu", "objective_size"]  # both minimised
@@ -42,10 +41,8 @@ def optuna_storage_url(spec: SweepSpec) -> str:
     """The spec's storage URL, else a SQLite file beside a SQLite MLflow store (mlflow/optuna.db)."""
     if spec.optuna.storage:
         return absolute_tracking_uri(spec.optuna.storage)
-    uri = spec.resolved_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).parent / "optuna.db")
-    return absolute_tracking_uri("sqlite:///mlflow/optuna.db")
+    db = sqlite_path(spec.resolved_tracking_uri())
+    return sqlite_uri(db.parent / "optuna.db") if db is not None else absolute_tracking_uri(sqlite_uri("mlflow/optuna.db"))
 
 
 def study_name(spec: SweepSpec) -> str:
@@ -56,8 +53,8 @@ def open_study(spec: SweepSpec) -> optuna.Study:
     """The sweep's study in its storage, created on first use with both objectives minimised and named after
     OBJECTIVES (so optuna-dashboard and optuna's plots label them), else loaded as it is."""
     url = optuna_storage_url(spec)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(storage=url, study_name=study_name(spec), directions=["minimize"] * len(OBJECTIVES),
                                 load_if_exists=True)
     if study.metric_names != OBJECTIVES:

@@ -385,11 +385,23 @@ def home() -> Path:
     return REPO_ROOT
 
 
+SQLITE = "sqlite:///"  # the one spelling of a SQLite store's URI prefix (MLflow's and Optuna's)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative to the working directory if relative), else None."""
+    return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
+
+
+def sqlite_uri(path: str | os.PathLike) -> str:
+    return SQLITE + str(path)
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """Make a relative sqlite URI absolute, so every Ray worker and job writes one store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((home() / uri[len(prefix):]).resolve())
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return sqlite_uri((home() / db).resolve())
     return uri
 
 

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
-from orchestrator.spec import SweepSpec, points_from_config
+from orchestrator.spec import SweepSpec, points_from_config, sqlite_path
 from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
 from sae.export import SAE_DIR, SAELENS_DIR
@@ -53,9 +53,8 @@ _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 def _artifact_root(tracking_uri: str) -> str | None:
     """Keep artifacts beside a SQLite store (mlflow/artifacts), not wherever the process happens to run."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(tracking_uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
 
 
 @contextlib.contextmanager
@@ -63,10 +62,10 @@ def _sqlite_init_lock(tracking_uri: str) -> Iterator[None]:
     """Hold an exclusive lock beside a SQLite store while a client opens it. MLflow creates and migrates a new
     store's tables on first open, and two processes doing that at once fail ("duplicate column name"); the
     experiment, too, would be created twice. Other stores (a server, a database) serialise this themselves."""
-    if not tracking_uri.startswith("sqlite:///"):
+    db = sqlite_path(tracking_uri)
+    if db is None:
         yield
         return
-    db = Path(tracking_uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -265,7 +264,7 @@ def download_trial_bundle(tracking_uri: str, run_id: str, dst: str | Path) -> tu
     """
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if (db := sqlite_path(tracking_uri)) is not None and not db.is_file():
         raise ValueError(f"--tracking-uri: no MLflow store at {tracking_uri}; give the store that holds the run "
                          "(or set MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri=tracking_uri)

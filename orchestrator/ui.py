@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from orchestrator.spec import default_tracking_uri
+from orchestrator.spec import default_tracking_uri, sqlite_path
 from orchestrator.tracking import newest_sweep_url
 
 
 def main() -> int:
     uri = default_tracking_uri()
-    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    db = sqlite_path(uri)
     url = None if db is not None and not db.exists() else newest_sweep_url(uri)  # never create an empty store
     print(f"the newest sweep:  {url}" if url else f"no sweep in {uri} yet (make frontier runs one)")
     return 0
