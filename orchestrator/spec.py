@@ -371,6 +371,12 @@ def trial_key(point: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def point_name(point: dict[str, Any]) -> str:
+    """A grid point's readable name, e.g. n256-k8-topk-doubling:2-s0: its MLflow run's name, its Tune trial's name
+    and its label in the trial's log lines."""
+    return f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
+
+
 def home() -> Path:
     """What relative paths in a spec are relative to: $SAE_FRONTIER_HOME, else the repo root.
 

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
-from orchestrator.spec import SweepSpec, points_from_config, sqlite_path
+from orchestrator.spec import SweepSpec, point_name, points_from_config, sqlite_path
 from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
 from sae.export import SAE_DIR, SAELENS_DIR
@@ -387,10 +387,9 @@ class MLflowSweepCallback(tune.Callback):
         if trial.trial_id not in self._runs:
             runs = []
             for point in points_from_config(trial.config, self.spec):
-                name = f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
                 params = {k: v for k, v in point.items() if k != "trial_key"}
                 run_id = self.tracker.child_run(self.parent_id, point["trial_key"], tune_trial=trial.trial_id,
-                                                name=name, params=params)
+                                                name=point_name(point), params=params)
                 history = self.tracker.client.get_metric_history(run_id, "train/loss")
                 self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
                 runs.append((point, run_id))

@@ -31,7 +31,7 @@ from ray import tune
 
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
-from orchestrator.spec import SweepSpec, points_from_config
+from orchestrator.spec import SweepSpec, point_name, points_from_config
 from sae.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.config import SAEConfig
 from sae.corpus import special_ids
@@ -291,9 +291,8 @@ def _evaluate_point(sae, point: dict[str, Any], spec: SweepSpec, data: EvalData,
                     sample: list[torch.Tensor]):
     opts = spec.eval.options(spec.granularities())
     ranking = latent_stats(sae, iter(sample))
-    label = f"n={point['n_latents']} k={point['k']} {point['partition']} s{point['seed']}"
     report = evaluate_progressive(sae, data, opts, scorer, ranking=ranking,
-                                  progress=lambda msg: print(f"[eval {label}] {msg}", flush=True))
+                                  progress=lambda msg: print(f"[eval {point_name(point)}] {msg}", flush=True))
     final = {**report.final,
              "objective_fvu": report.at("fvu", principal_method(sae.cfg.is_matryoshka), spec.objective_granularity())}
     return final, report
