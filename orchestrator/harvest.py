@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from orchestrator.lease import Lease, acquire
+from orchestrator.progress import Progress
 from orchestrator.shards import (
     MANIFEST,
     PLAN,
@@ -328,7 +329,6 @@ def _run_actors(cfg: HarvestConfig, store: str, path: str, ctx: Any, todo: list[
                 labels: list[str], label_of: dict[int, int], done: dict[int, dict[str, Any]], progress: bool) -> None:
     import ray
     import ray.data
-    from tqdm.auto import tqdm
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
@@ -343,24 +343,26 @@ def _run_actors(cfg: HarvestConfig, store: str, path: str, ctx: Any, todo: list[
         items.append({"index": i, "first_context": a, "rows": rows,
                       "input_ids": ctx.input_ids[a:b].numpy().astype(np.int32),
                       "token_doc": doc, "token_label": doc_label[np.searchsorted(docs, doc)]})
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        _HarvestActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cpus, num_gpus=gpus,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "store": store, "labels": labels,
-                               "device": device, "threads": threads})
+    # Ray Data's own progress is off: ours below counts tokens, and Ray's bar would interleave with it on a
+    # terminal and, in a log, becomes a dump of the whole pipeline's state every 10 s. A dataset copies the
+    # current DataContext when it is created, so the setting is made before and undone right after.
     data_ctx = ray.data.DataContext.get_current()
     old_bars = data_ctx.enable_progress_bars
-    data_ctx.enable_progress_bars = False  # ours below counts tokens; Ray's would interleave with it
-    fs = storage_fs(store)[0]
-    bar = tqdm(total=cfg.tokens, initial=sum(s["rows"] for s in done.values()), unit="tok", disable=not progress,
-               desc=f"harvest {cfg.site}")
+    data_ctx.enable_progress_bars = False
     try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            _HarvestActor, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cpus, num_gpus=gpus,
+            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "store": store, "labels": labels,
+                                   "device": device, "threads": threads})
+    finally:
+        data_ctx.enable_progress_bars = old_bars
+    fs = storage_fs(store)[0]
+    with Progress(cfg.tokens, initial=sum(s["rows"] for s in done.values()), enabled=progress,
+                  desc=f"harvest {cfg.site} {cfg.split}") as bar:
         for row in ds.iter_rows():
             i = int(row["index"])
             done[i] = read_json(fs, f"{path}/{sidecar_name(i)}")
             bar.update(int(row["rows"]))
             log.debug("shard %d: %d rows in %.2fs", i, int(row["rows"]), float(row["seconds"]))
-    finally:
-        bar.close()
-        data_ctx.enable_progress_bars = old_bars

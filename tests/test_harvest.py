@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -25,6 +29,15 @@ from sae.corpus import doc_split, load_corpus, tokenize_contexts
 from sae.lm import harvest_activations, load_lm, load_tokenizer
 
 TOKENS, T = 600, 32  # 20 contexts of 31 stored tokens (the last trimmed), 4 contexts per shard -> 5 shards
+REPO = Path(__file__).resolve().parent.parent
+
+# Harvests cfg (argv[1]) with its progress on, as a sweep's driver does; the test pipes its output, like a log.
+LOGGED_HARVEST = r"""
+import sys, ray
+from orchestrator.harvest import HarvestConfig, harvest
+ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own Ray, never a `ray start` one
+print("result", harvest(HarvestConfig.model_validate_json(sys.argv[1])), flush=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +132,24 @@ def test_interrupted_and_corrupted_harvest_resumes_to_the_same_shards(store, tmp
     assert {f: t for f, t in mtimes(work).items() if f in kept} == kept  # complete shards were not recomputed
     assert not any(f.startswith(".tmp-") for f in os.listdir(work))
     verify_store(resumed)
+
+
+@pytest.mark.slow
+def test_a_harvest_into_a_log_prints_a_line_per_tenth_and_no_ray_data_dump(tmp_path):
+    """Not a terminal (`ray job submit`, a file, a pipe): no carriage-return bar and none of Ray Data's progress
+    dumps (a block of lines every 10 s), but a plain line per tenth of the tokens: 20 shards give at most 11."""
+    cfg = config(tmp_path, shard_rows=T - 1)  # one context per shard: 20 shards
+    proc = subprocess.run([sys.executable, "-c", LOGGED_HARVEST, cfg.model_dump_json()], cwd=REPO,
+                          capture_output=True, timeout=600)
+    log = (proc.stdout + proc.stderr).decode()  # bytes: text mode would turn a bar's \r into \n
+    assert proc.returncode == 0, log[-3000:]
+    assert len(read_manifest(str(tmp_path / cfg.key())).shards) == 20
+    assert "\r" not in log
+    assert "Running Dataset" not in log and "Total Progress" not in log, log[-3000:]
+    lines = [line for line in log.split("\n") if line.startswith(f"harvest {cfg.site} train:")]
+    assert 2 <= len(lines) <= 11, log[-3000:]
+    percents = [int(re.search(r"\((\d+)%\)", line).group(1)) for line in lines]
+    assert percents == sorted(set(percents)) and "600/600 tokens (100%)" in lines[-1]
 
 
 def test_bad_inputs(ray_local, tmp_path):
