@@ -237,6 +237,10 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
 
     t1 = time.perf_counter()
     if todo:
+        import transformers
+
+        # a trial's output reaches the driver through Ray's log lines, where a "Loading weights" bar is just noise
+        transformers.utils.logging.disable_progress_bar()
         data, positions = load_eval_data(eval_store, spec)
         lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
         contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0],
