@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import SweepSpec, point_name
 from sae.lm import ModelInfo
 from sae.splice import LOSS_CHUNK_ELEMS
 from sae.train import AUXK_DENSE_MIN_DENSITY
@@ -140,6 +140,12 @@ def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, devic
             current.append(point)
         packs.append(current)
     return packs
+
+
+def pack_name(points: list[dict[str, Any]]) -> str:
+    """A pack's readable name: its point's name (spec.point_name), or its first point's and how many more."""
+    first = point_name(points[0])
+    return first if len(points) == 1 else f"{first} +{len(points) - 1}"
 
 
 def describe_plan(spec: SweepSpec, packs: list[list[dict[str, Any]]], estimates: list[MemoryEstimate],

@@ -37,6 +37,7 @@ from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, t
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
 from orchestrator.shards import exists, iter_batches, read_bytes, read_manifest, storage_fs, write_atomic
 from orchestrator.spec import SweepSpec, home, resolve_path
+from orchestrator.status import grid_status, grid_trial_dirname, grid_trial_name
 from orchestrator.tracking import ERROR_TAG, MLflowSweepCallback, Tracker
 from orchestrator.trial import run_trial
 from sae.evaluate import PRIMARY_RULE
@@ -298,15 +299,18 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
                                           max_concurrent_trials=spec.resources.max_concurrent)
         else:
             space = grid_space(packs)
-            tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent)
+            tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
+                                          trial_name_creator=grid_trial_name,
+                                          trial_dirname_creator=grid_trial_dirname)
+        status, verbose = grid_status() if search == "grid" else ([], 1)
         tuner = tune.Tuner(
             trainable, param_space=space, tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path,
-                callbacks=[MLflowSweepCallback(spec.resolved_tracking_uri(), spec.experiment_name, parent,
-                                               spec.model_dump_json())],
+                callbacks=[*status, MLflowSweepCallback(spec.resolved_tracking_uri(), spec.experiment_name,
+                                                           parent, spec.model_dump_json())],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=2), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=2), verbose=verbose,
             ),
         )
     results = tuner.fit() if tuner is not None else []

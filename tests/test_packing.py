@@ -10,7 +10,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from orchestrator.packing import MB, describe_plan, plan_packs, trial_memory
+from orchestrator.packing import MB, describe_plan, pack_name, plan_packs, trial_memory
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.sweep import PointsFailed, run_sweep
 from orchestrator.tracking import ERROR_TAG, PARENT_TAG
@@ -40,6 +40,13 @@ def test_packs_never_mix_seeds_and_keep_grid_order():
         p["trial_key"] for p in sorted(spec.trial_points(), key=lambda p: p["seed"])]
     one = plan_packs(spec_with(pack=1), d=64, lm=LM, shard_rows=512, budget=1 << 40)
     assert [len(p) for p in one] == [1] * 8
+
+
+def test_a_pack_is_named_by_its_first_point_and_how_many_more():
+    """The Tune trial's name in the sweep's status table (orchestrator.status.grid_trial_name)."""
+    packs = plan_packs(spec_with(pack=3), d=64, lm=LM, shard_rows=512, budget=1 << 40)
+    assert [pack_name(p) for p in packs] == ["n128-k8-topk-none-s0 +2", "n256-k8-topk-doubling:2-s0",
+                                             "n128-k8-topk-none-s1 +2", "n256-k8-topk-doubling:2-s1"]
 
 
 def test_auto_fills_each_trial_up_to_the_memory_budget():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from test_saelens import read_saelens, saelens_forward
 from orchestrator.frontier import CRITERIA, progressive_points
 from orchestrator.report import make_report
 from orchestrator.search import OBJECTIVES, optuna_storage_url, study_name
-from orchestrator.spec import load_spec
+from orchestrator.spec import load_spec, point_name
 from orchestrator.sweep import compare, run_sweep
 from orchestrator.tracking import PARENT_TAG, Tracker
 from sae.checkpoint import load_sae
@@ -165,8 +166,27 @@ def _finished_children(uri: str, experiment: str) -> list:
     return client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'trial' and attributes.status = 'FINISHED'")
 
 
+def status_table_rows(out: str) -> list[str]:
+    """The trial rows of the Tune status tables in a sweep's printed output."""
+    return [line for line in out.splitlines()
+            if line.startswith("│ ") and re.search(r"\s(PENDING|RUNNING|TERMINATED|ERROR|PAUSED)\s", line)]
+
+
+def assert_quiet_log(out: str, spec) -> None:
+    """A sweep's output into a pipe (a log, not a terminal): Tune's status table names each trial by its grid
+    point (not by its pack dict cut to its last 20 characters); neither Ray Data nor a trial's LM load prints
+    progress."""
+    names = {point_name(p) for p in spec.trial_points()}
+    rows = status_table_rows(out)
+    assert rows, out[-3000:]
+    for row in rows:
+        assert row.split("│")[1].strip().split(" (")[0] in names and "}" not in row, row
+    assert "Running Dataset" not in out and "Loading weights" not in out
+
+
 def test_interrupted_sweep_resumes_without_duplicate_runs(home):
-    """SIGINT a running sweep after its first trial finishes, then --resume: no run is duplicated or redone."""
+    """SIGINT a running sweep after its first trial finishes, then --resume: no run is duplicated or redone.
+    Both runs print into pipes, so their output is also checked to be a quiet log (assert_quiet_log)."""
     uri = f"sqlite:///{home}/resume.db"
     args = [sys.executable, str(ROOT / "sweeps" / "frontier.py"), "--spec", "smoke", "--tracking-uri", uri,
             "--storage", str(home / "shards")]
@@ -180,12 +200,14 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(home):
     out, _ = proc.communicate(timeout=300)
     before = {r.info.run_id: r.info.end_time for r in _finished_children(uri, spec.experiment_name)}
     assert before, out[-3000:]
+    assert_quiet_log(out, spec)
     if proc.returncode == 0:
         pytest.skip("the sweep finished before the interrupt landed; nothing to resume")
     assert proc.returncode == 130, out[-3000:]
 
     done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_quiet_log(done.stdout, spec)  # a restored Tuner keeps the trials' names
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.experiment_name)
     parents = client.search_runs([exp.experiment_id], "tags.`sae_frontier.kind` = 'sweep'")
