@@ -124,7 +124,9 @@ def init_ray() -> None:
     env_before, const_before = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # address="local": a new Ray, never one that `ray start` left running on this machine (ray.init with no
+        # address would join it: another user's cluster, or a test's); a cluster is joined through RAY_ADDRESS
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = const_before
         if env_before is None:

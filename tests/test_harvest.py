@@ -42,7 +42,7 @@ print("result", harvest(HarvestConfig.model_validate_json(sys.argv[1])), flush=T
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

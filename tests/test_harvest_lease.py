@@ -153,7 +153,7 @@ def leftovers(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def concurrent(tmp_path_factory):
     """Two processes harvest the same key, released at once (children drive the module's Ray cluster)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tmp_path_factory.mktemp("concurrent")
     cfg = config(tmp / "shards")
     procs = [Proc(HARVESTER, cfg.model_dump_json(), str(tmp / f"ready{i}"), str(tmp / "go")) for i in (0, 1)]
