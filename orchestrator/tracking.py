@@ -25,11 +25,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator.bundle import ERROR_FILE, point_dir
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, point_name, points_from_config, sqlite_path
-from orchestrator.trial import ERROR_FILE, RESULT_FILE, point_dir
 from sae.evaluate import CURVE_METHODS, split_curve_key
-from sae.export import SAE_DIR, SAELENS_DIR
+from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
 TUNE_TRIAL_TAG = "sae_frontier.tune_trial"  # the Tune trial that last ran the point (information only)

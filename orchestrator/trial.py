@@ -29,6 +29,7 @@ import ray
 import torch
 from ray import tune
 
+from orchestrator.bundle import ERROR_FILE, point_dir, point_done
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, point_name, points_from_config
@@ -44,9 +45,7 @@ from sae.splice import SpliceScorer
 from sae.train import Trainer
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
-POINTS_DIR = "points"
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
-ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
 # errors that repeat on every attempt (bad input, a corrupt shard, NaN/Inf, a bug): failed at once, not retried
@@ -106,16 +105,6 @@ def splice_contexts(data: EvalData, positions: torch.Tensor, n: int, bos_id: int
         rows.append(torch.cat([torch.tensor([bos_id]), data.token_ids[mask][order]]))
     width = min(min(len(r) for r in rows), length or len(rows[0]))
     return torch.stack([r[:width] for r in rows])
-
-
-def point_dir(root: str | Path, point: dict[str, Any]) -> Path:
-    """Where a point's bundle (or error.txt) lives inside a trial checkpoint."""
-    return Path(root) / POINTS_DIR / point["trial_key"]
-
-
-def point_done(root: str | Path, point: dict[str, Any]) -> bool:
-    d = point_dir(root, point)
-    return (d / RESULT_FILE).exists() or (d / ERROR_FILE).exists()
 
 
 def peak_memory_mb(device: str) -> float:
