@@ -31,6 +31,7 @@ from torch import Tensor
 from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
 from sae.interp import encode_all, firing_frequency, group_latents, proxy_report, token_concentration
 from sae.metrics import ReconstructionAccumulator, RSAReference, batch_moments, linear_cka_from_grams
+from sae.model import evaluating
 from sae.prune import RULES, order_latents, reduced_code
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
@@ -378,9 +379,7 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
     """
     if ranking.n_latents != sae.cfg.n_latents:
         raise ValueError(f"ranking has {ranking.n_latents} latents but the SAE has {sae.cfg.n_latents}")
-    was_training = sae.training
-    sae.eval()
-    try:
+    with evaluating(sae):
         report = EvalReport(importance=ranking.mean_sq.cpu())
         try:
             fit = fit_power_law(ranking.mean_sq, freq=ranking.freq, tokens=ranking.tokens)
@@ -407,5 +406,3 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
             pts = report.curve_rows("fvu").get(principal_method(sae.cfg.is_matryoshka), [])
             progress("masked fvu by G: " + ", ".join(f"{int(p['G'])}:{p['fvu']:.4f}" for p in pts))
         return report
-    finally:
-        sae.train(was_training)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sae.model import evaluating
+
 
 @dataclass
 class LatentStats:
@@ -56,9 +58,7 @@ def latent_stats(sae, batches: Iterable[Tensor]) -> LatentStats:
     sum_sq = torch.zeros(n, dtype=torch.float64, device=device)
     fires = torch.zeros(n, dtype=torch.float64, device=device)
     tokens = 0
-    was_training = sae.training
-    sae.eval()
-    try:
+    with evaluating(sae):
         for x in batches:
             x = x.reshape(-1, x.shape[-1]).to(device=device, dtype=dtype)
             if x.shape[0] == 0:
@@ -70,8 +70,6 @@ def latent_stats(sae, batches: Iterable[Tensor]) -> LatentStats:
             active = v > 0
             fires += torch.bincount(idx[active], minlength=n).to(torch.float64)
             tokens += x.shape[0]
-    finally:
-        sae.train(was_training)
     if tokens == 0:
         raise ValueError("latent_stats got no tokens: batches was empty")
     return LatentStats(mean_sq=(sum_sq / tokens).cpu(), freq=(fires / tokens).cpu(), tokens=tokens)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae.model import evaluating
+
 Codes = Tensor | tuple[Tensor, Tensor]
 
 # log10 firing-frequency bin edges: quarter-decades [-7, -6.75), ..., [-0.25, 0]; values outside go to the end bins.
@@ -54,17 +56,13 @@ def encode_all(sae, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """Sparse codes (values [N, w], indices [N, w]) of every token, on CPU, in eval mode; zero value = inactive."""
     if isinstance(batches, Tensor):
         batches = [batches]
-    was_training = sae.training
-    sae.eval()
     vals, idxs = [], []
-    try:
+    with evaluating(sae):
         dev = sae.W_enc.device
         for x in batches:
             v, i = sae.encode(x.reshape(-1, x.shape[-1]).to(dev))
             vals.append(v.float().cpu())
             idxs.append(i.cpu())
-    finally:
-        sae.train(was_training)
     if not vals:
         raise ValueError("encode_all got no batches")
     width = max(v.shape[1] for v in vals)  # BatchTopK's threshold rule gives a varying width: pad with zeros

@@ -10,7 +10,9 @@ sqrt(d_in)); `encode` takes raw x and `decode` returns raw x, so a saved SAE map
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,18 @@ from torch import Tensor
 from sae.config import SAEConfig
 
 BATCHTOPK_ROW_CAP = 4  # in training, one token may keep at most this many times k latents (bounds memory)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode for the block, then back in the mode it was in: an evaluation inside a training
+    run leaves the SAE training (BatchTopK's batch rule applies only while training)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the one name table

@@ -136,3 +136,15 @@ def test_batchtopk_train_keeps_k_times_batch_and_eval_uses_threshold():
 def test_bad_input_shape_raises():
     with pytest.raises(ValueError, match="d_in=16"):
         _sae().encode(torch.randn(4, 15))
+
+
+def test_evaluating_restores_the_mode_it_found_even_on_error():
+    from sae.model import evaluating
+
+    sae = SparseAutoencoder.from_config(SAEConfig(d_in=8, n_latents=16, k=2), seed=0)
+    for mode in (True, False):
+        sae.train(mode)
+        with pytest.raises(RuntimeError), evaluating(sae):
+            assert not sae.training
+            raise RuntimeError("mid-evaluation")
+        assert sae.training is mode
