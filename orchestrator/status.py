@@ -3,8 +3,9 @@
 Tune's console reporter shows every searched value of the param space as a column cut to its last 20
 characters. A grid trial's searched value is its pack, a dict of grid points, so the table showed
 `...mory_mb': 1733.7}` where the point belongs, and a starting trial printed its points as `... '089530519335'}]`.
-Here a grid trial is named by its points (`grid_trial_name`), and `GridStatus` prints Tune's own status table,
-trial start and trial result through a second instance of Tune's reporter that has no parameter column.
+Here a grid trial is named by its points (`grid_trial_name`), and `GridStatus` prints Tune's own status table
+and trial start through a second instance of Tune's reporter that has no parameter column, and a finished trial
+as one line (Tune's result box lists every metric of the trial, some 120 lines each).
 
 Tune adds its built-in reporter whatever the callbacks hold, so a grid sweep runs with it silenced
 (RunConfig verbose=0). Silenced, it still prints the experiment's header and trial errors, and it stays the one
@@ -38,6 +39,19 @@ def grid_trial_dirname(trial: Trial) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
+SUMMARY_METRICS = ("fvu", "l0", "ce_score", "kl_score")  # a finished one-point trial's headline numbers
+
+
+def completion_line(trial: Trial) -> str:
+    """`Trial <name> completed after N iterations in T s: P points, F failed; fvu=... l0=...` (the metrics of a
+    one-point trial; a pack's points each have their MLflow run)."""
+    r = trial.last_result or {}
+    out = (f"Trial {trial} completed after {r.get('training_iteration', 0)} iterations in "
+           f"{r.get('time_total_s', 0.0):.0f} s: {r.get('points', '?')} points, {r.get('points_failed', 0)} failed")
+    shown = [f"{m}={r[m]:.4g}" for m in SUMMARY_METRICS if isinstance(r.get(m), int | float)]
+    return out + ("; " + " ".join(shown) if shown else "")
+
+
 class _NamedTrialsReporter(TuneTerminalReporter):
     """Tune's console reporter with no parameter column; a starting trial shows its points by name."""
 
@@ -67,7 +81,7 @@ class GridStatus(Callback):
         self._reporter.on_trial_start(iteration, trials, trial, **info)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._reporter.on_trial_complete(iteration, trials, trial, **info)
+        print(completion_line(trial))  # one line: Tune's own box lists every metric, ~120 lines per trial
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self._reporter.print_heartbeat(trials, force=True)

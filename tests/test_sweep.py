@@ -182,6 +182,9 @@ def assert_quiet_log(out: str, spec) -> None:
     for row in rows:
         assert row.split("│")[1].strip().split(" (")[0] in names and "}" not in row, row
     assert "Running Dataset" not in out and "Loading weights" not in out
+    done = re.findall(r"^Trial (\S+) \(\w+\) completed after \d+ iterations in \d+ s: 1 points, 0 failed; fvu=", out, re.M)
+    assert done and set(done) <= names, out[-3000:]  # a finished trial is one line, not Tune's result box
+    assert not re.search(r"│ Trial .* result", out)
 
 
 def test_interrupted_sweep_resumes_without_duplicate_runs(home):
