@@ -253,6 +253,12 @@ def _plan(cfg: HarvestConfig, fs: Any, path: str, n_contexts: int) -> int:
     return per
 
 
+def store_complete(cfg: HarvestConfig) -> bool:
+    """Whether the store of this config is already complete (a harvest would only reuse it)."""
+    fs, root = storage_fs(cfg.storage)
+    return _complete(fs, f"{root.rstrip('/')}/{cfg.key()}") is not None
+
+
 def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
     """Harvest cfg's activations into <storage>/<key>/ and return that store's path (or URI).
 

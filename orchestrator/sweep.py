@@ -31,7 +31,7 @@ from orchestrator.frontier import (
     plot_frontier,
     save_figure,
 )
-from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.harvest import HarvestConfig, harvest, store_complete
 from orchestrator.lease import acquire, live_holder
 from orchestrator.packing import MB, describe_plan, memory_budget, plan_packs, trial_device, trial_memory
 from orchestrator.search import grid_space, optuna_searcher, optuna_space, pareto_trials
@@ -74,6 +74,7 @@ class SweepOutcome:
     trials_seconds: float
     experiment_dir: str
     timings: pd.DataFrame | None = None
+    harvest_reused: bool = False  # both stores were complete before the sweep: the harvest only read manifests
     pareto_trials: list[dict] | None = None
     parent_run_url: str = ""  # the parent run in the MLflow UI's model-training view (tracking.run_url)
 
@@ -85,11 +86,11 @@ class SweepOutcome:
         n = len(t)
         train, evals = t["train_seconds"].sum(), t["eval_seconds"].sum()
         lines = [
-            f"harvest {self.harvest_seconds:.1f}s (once{', reused from the store' if self.harvest_seconds < 5 else ''}); "
+            f"harvest {self.harvest_seconds:.1f}s (once{', reused from the store' if self.harvest_reused else ''}); "
             f"{n} trials in {self.trials_seconds:.1f}s wall: training {train:.1f}s in all "
             f"(mean {train / n:.1f}s), evaluation {evals:.1f}s in all (mean {evals / n:.1f}s)",
         ]
-        if self.harvest_seconds >= 5:
+        if not self.harvest_reused:
             shared = self.harvest_seconds + self.trials_seconds
             alone = n * self.harvest_seconds + self.trials_seconds
             lines.append(f"a sweep that harvested per trial would take ~{alone:.0f}s instead of {shared:.0f}s "
@@ -250,8 +251,9 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
         log(f"[sweep] relative paths of the spec resolve under {home()} (set SAE_FRONTIER_HOME to change it)")
     init_ray()
     t0 = time.perf_counter()
-    train_store = str(harvest(harvest_config(spec, "train")))
-    eval_store = str(harvest(harvest_config(spec, "eval")))
+    configs = {split: harvest_config(spec, split) for split in ("train", "eval")}
+    reused = all(store_complete(cfg) for cfg in configs.values())
+    train_store, eval_store = (str(harvest(configs[split])) for split in ("train", "eval"))
     harvest_seconds = time.perf_counter() - t0
     log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
     concentration = eval_variance_concentration(eval_store)
@@ -335,7 +337,7 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
     timings = pd.DataFrame([{"run_name": r.info.run_name, **{k: r.data.metrics.get(k, float("nan")) for k in TIMING_METRICS}}
                             for r in tracker.runs_of(parent)])
     outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path,
-                           timings, parent_run_url=tracker.run_url(parent))
+                           timings, harvest_reused=reused, parent_run_url=tracker.run_url(parent))
     if errors:
         raise PointsFailed(outcome, [" ".join(e.split()) for e in errors])
     if search == "optuna":

@@ -16,7 +16,7 @@ import pytest
 import ray
 import torch
 
-from orchestrator.harvest import HarvestConfig, harvest
+from orchestrator.harvest import HarvestConfig, harvest, store_complete
 from orchestrator.shards import (
     ShardError,
     iter_batches,
@@ -183,7 +183,9 @@ def test_txt_books_harvest_by_paragraph_and_split_by_book(ray_local, tmp_path):
     seed = next(s for s in range(100) if {doc_split(d, 0.5, s) for d in range(4)} == {"train", "eval"})
     cfg = config(tmp_path / "shards", corpus=str(books), text_unit="paragraph", eval_fraction=0.5, seed=seed,
                  site="resid_post.2", tokens=2 * (T - 1))
+    assert not store_complete(cfg)
     m = read_manifest(harvest(cfg, progress=False))
+    assert store_complete(cfg)  # what the sweep checks to say the harvest was reused
     assert m.config["content"]["text_unit"] == "paragraph" and m.config["text_unit"] == "paragraph"
     rec = next(iter_records(str(tmp_path / "shards" / cfg.key()), m.tokens))
     docs = set(rec["doc_id"].tolist())

@@ -207,3 +207,16 @@ def test_a_corrupt_shard_fails_its_points_at_once_without_retries(home, tmp_path
     for run in runs.values():
         tag = run.data.tags[ERROR_TAG]
         assert run.info.status == "FAILED" and tag.startswith("ShardError: shard ") and shard.name in tag
+
+
+def test_cost_summary_says_reused_only_when_the_stores_were_complete():
+    import pandas as pd
+
+    from orchestrator.sweep import SweepOutcome
+
+    timings = pd.DataFrame({"run_name": ["a", "b"], "train_seconds": [10.0, 12.0], "eval_seconds": [5.0, 7.0]})
+    empty = pd.DataFrame()
+    for reused, seconds in ((True, 12.0), (False, 3.0)):  # a slow reuse (object store) and a fast real harvest
+        text = SweepOutcome("e", "p", empty, empty, seconds, 40.0, "d", timings, harvest_reused=reused).cost_summary()
+        assert ("reused from the store" in text) is reused
+        assert ("would take" in text) is (not reused)
