@@ -243,34 +243,71 @@ def run_sweep(spec: SweepSpec, *, search: str = "grid", trials: int | None = Non
         return _run_named(spec, name, search, trials, bool(resume), log)
 
 
+@dataclass(frozen=True)
+class Activations:
+    """The sweep's harvested stores, and what the harvest cost."""
+
+    train_store: str
+    eval_store: str
+    seconds: float
+    reused: bool  # both stores were complete before the sweep: the harvest only read their manifests
+    concentration: float  # share of the eval activations' variance held by their top 1% of tokens
+
+
 def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resume: bool, log) -> SweepOutcome:
+    tracker = _prepare(spec, name, resume, log)
+    acts = _harvest_stores(spec, log)
+    parent = _open_parent_run(tracker, spec, name, search, acts)
+    exp_path = f"{resolve_path(spec.results_path).rstrip('/')}/{name}"
+    tuner = _build_tuner(spec, name, search, trials, resume, tracker, parent, acts, exp_path, log)
+    t1 = time.perf_counter()
+    results = tuner.fit() if tuner is not None else []
+    return _finish(spec, search, tracker, parent, acts, results, time.perf_counter() - t1, exp_path, name)
+
+
+def _prepare(spec: SweepSpec, name: str, resume: bool, log) -> Tracker:
+    """The tracker (a resumed sweep must match its spec) and a running Ray."""
     tracker = Tracker(spec.resolved_tracking_uri(), spec.experiment_name)
     if resume:
         tracker.check_resumable(name, spec.spec_hash())
     if os.environ.get("RAY_JOB_ID") and not os.environ.get("SAE_FRONTIER_HOME"):
         log(f"[sweep] relative paths of the spec resolve under {home()} (set SAE_FRONTIER_HOME to change it)")
     init_ray()
+    return tracker
+
+
+def _harvest_stores(spec: SweepSpec, log) -> Activations:
+    """Harvest (or reuse) the train and eval stores, once for every trial."""
     t0 = time.perf_counter()
     configs = {split: harvest_config(spec, split) for split in ("train", "eval")}
     reused = all(store_complete(cfg) for cfg in configs.values())
     train_store, eval_store = (str(harvest(configs[split])) for split in ("train", "eval"))
-    harvest_seconds = time.perf_counter() - t0
-    log(f"[sweep] activations ready in {harvest_seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
+    seconds = time.perf_counter() - t0
+    log(f"[sweep] activations ready in {seconds:.1f}s: {train_store} (train), {eval_store} (eval)")
     concentration = eval_variance_concentration(eval_store)
     if concentration > 0.5:
         log(f"[sweep] warning: 1% of the eval tokens hold {concentration:.0%} of the activations' variance, so FVU "
             "mostly measures how well those few tokens are rebuilt (docs/science.md, the miniature's confound)")
+    return Activations(train_store, eval_store, seconds, reused, concentration)
 
-    storage_path = resolve_path(spec.results_path)
-    parent = tracker.parent_run(
+
+def _open_parent_run(tracker: Tracker, spec: SweepSpec, name: str, search: str, acts: Activations) -> str:
+    """The sweep's parent run (reopened on resume), with the spec and what identifies its activations."""
+    return tracker.parent_run(
         name, name=name, spec_hash=spec.spec_hash(), spec_yaml=spec.to_yaml(),
         params={"spec": spec.name, "search": search, "model": spec.model, "site": spec.site, "corpus": spec.corpus,
-                "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": train_store,
-                "eval_store": eval_store, "granularities": spec.granularities(), **activations_identity(train_store, eval_store),
+                "train_tokens": spec.train_tokens, "eval_tokens": spec.eval_tokens, "train_store": acts.train_store,
+                "eval_store": acts.eval_store, "granularities": spec.granularities(),
+                **activations_identity(acts.train_store, acts.eval_store),
                 "commit": code_commit(), "scoring_rule_primary": PRIMARY_RULE, "eval_rules": ",".join(spec.eval.rules),
-                "eval_top1pct_variance_share": f"{concentration:.4f}"},
+                "eval_top1pct_variance_share": f"{acts.concentration:.4f}"},
     )
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
+
+
+def _build_tuner(spec: SweepSpec, name: str, search: str, trials: int | None, resume: bool, tracker: Tracker,
+                 parent: str, acts: Activations, exp_path: str, log) -> tune.Tuner | None:
+    """Tune's restored experiment, or a new Tuner over the grid points not yet finished (or an Optuna study);
+    None when every grid point is finished."""
     finished: frozenset[str] = frozenset()
     if resume:  # identity is the grid point: finished points are never scheduled again, whatever Tune kept
         finished = frozenset(tracker.finished_points(parent))
@@ -278,68 +315,75 @@ def _run_named(spec: SweepSpec, name: str, search: str, trials: int | None, resu
         log(f"[sweep] resuming {name}: {len(finished)} grid point(s) finished"
             + (f", {stale} run(s) left RUNNING by the dead driver marked KILLED until their point runs" if stale else ""))
     restore = resume and tune.Tuner.can_restore(exp_path)
-    packs = plan_grid(spec, train_store, log, skip=finished) if search == "grid" and not restore else []
+    packs = plan_grid(spec, acts.train_store, log, skip=finished) if search == "grid" and not restore else []
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=train_store, eval_store=eval_store),
+        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), train_store=acts.train_store,
+                             eval_store=acts.eval_store),
         {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
     )
-    t1 = time.perf_counter()
     if search == "optuna":
         # training reports carry no objectives (only a trial's final evaluation does, and a multi-objective
         # OptunaSearch reads only that one), so Tune must not demand them on every report
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    tuner = None
     if restore:
         log(f"[sweep] resuming {exp_path}: finished trials are kept, unfinished ones continue from their checkpoints")
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
-    elif search == "grid" and not packs:
+        return tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+    if search == "grid" and not packs:
         log(f"[sweep] every grid point of {name} is finished: nothing to run")
+        return None
+    if resume:
+        log(f"[sweep] Tune cannot restore {exp_path}: a new Tuner runs only the unfinished grid points")
+    if search == "optuna":
+        space = optuna_space(spec)
+        tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
+                                      max_concurrent_trials=spec.resources.max_concurrent)
     else:
-        if resume:
-            log(f"[sweep] Tune cannot restore {exp_path}: a new Tuner runs only the unfinished grid points")
-        if search == "optuna":
-            space = optuna_space(spec)
-            tune_config = tune.TuneConfig(search_alg=optuna_searcher(spec), num_samples=trials or spec.optuna.trials,
-                                          max_concurrent_trials=spec.resources.max_concurrent)
-        else:
-            space = grid_space(packs)
-            tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
-                                          trial_name_creator=grid_trial_name,
-                                          trial_dirname_creator=grid_trial_dirname)
-        status, verbose = grid_status() if search == "grid" else ([], 1)
-        tuner = tune.Tuner(
-            trainable, param_space=space, tune_config=tune_config,
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage_path,
-                callbacks=[*status, MLflowSweepCallback(spec.resolved_tracking_uri(), spec.experiment_name,
-                                                           parent, spec.model_dump_json())],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=2), verbose=verbose,
-            ),
-        )
-    results = tuner.fit() if tuner is not None else []
-    trials_seconds = time.perf_counter() - t1
+        space = grid_space(packs)
+        tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
+                                      trial_name_creator=grid_trial_name, trial_dirname_creator=grid_trial_dirname)
+    status, verbose = grid_status() if search == "grid" else ([], 1)
+    return tune.Tuner(
+        trainable, param_space=space, tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=name, storage_path=resolve_path(spec.results_path),
+            callbacks=[*status, MLflowSweepCallback(spec.resolved_tracking_uri(), spec.experiment_name,
+                                                       parent, spec.model_dump_json())],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=2), verbose=verbose,
+        ),
+    )
+
+
+def _failures(tracker: Tracker, parent: str, results) -> list[str]:
+    """One line per failed grid point: its run's error tag, else (no run marked FAILED) Tune's own error."""
+    failed = [r for r in tracker.runs_of(parent) if r.info.status == "FAILED"]
+    errors = [f"{r.info.run_name}: {r.data.tags.get(ERROR_TAG, 'no reason recorded')}" for r in failed]
+    errors += [str(r.error) for r in results if r.error and not failed]
+    return [" ".join(e.split()) for e in errors]
+
+
+def _finish(spec: SweepSpec, search: str, tracker: Tracker, parent: str, acts: Activations, results,
+            trials_seconds: float, exp_path: str, name: str) -> SweepOutcome:
+    """Close the parent run with the frontier and the costs; raise if the sweep was cut short or points failed."""
     unfinished = [r for r in results if r.error is None and (r.metrics or {}).get("phase") != "eval"]
     if unfinished:  # interrupted (Ctrl+C / SIGINT): Tune saved its state; the parent run stays open for --resume
         tracker.finish(parent, "KILLED")
         raise SweepInterrupted(f"{len(unfinished)} trial(s) unfinished; continue with: "
                                f"python sweeps/frontier.py --spec <this spec> --resume")
-    failed = [r for r in tracker.runs_of(parent) if r.info.status == "FAILED"]
-    errors = [f"{r.info.run_name}: {r.data.tags.get(ERROR_TAG, 'no reason recorded')}" for r in failed]
-    errors += [str(r.error) for r in results if r.error and not failed]
+    errors = _failures(tracker, parent, results)
     points = tracker.curve_points([spec.experiment_name], parent_id=parent)
     frontier = compute_frontier(points)
     _log_frontier(tracker, parent, points, frontier, title=f"{spec.experiment_name} / {name}")
-    tracker.log_metrics(parent, {"harvest_seconds": harvest_seconds, "trials_seconds": trials_seconds,
+    tracker.log_metrics(parent, {"harvest_seconds": acts.seconds, "trials_seconds": trials_seconds,
                                  "trials_finished": float(points["run_id"].nunique() if not points.empty else 0),
                                  "trials_failed": float(len(errors))})
     tracker.finish(parent, "FAILED" if errors else "FINISHED")
     timings = pd.DataFrame([{"run_name": r.info.run_name, **{k: r.data.metrics.get(k, float("nan")) for k in TIMING_METRICS}}
                             for r in tracker.runs_of(parent)])
-    outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, harvest_seconds, trials_seconds, exp_path,
-                           timings, harvest_reused=reused, parent_run_url=tracker.run_url(parent))
+    outcome = SweepOutcome(spec.experiment_name, parent, frontier, points, acts.seconds, trials_seconds, exp_path,
+                           timings, harvest_reused=acts.reused, parent_run_url=tracker.run_url(parent))
     if errors:
-        raise PointsFailed(outcome, [" ".join(e.split()) for e in errors])
+        raise PointsFailed(outcome, errors)
     if search == "optuna":
         outcome.pareto_trials = pareto_trials(spec)
     return outcome
