@@ -22,6 +22,7 @@ import pandas as pd
 import ray
 from ray import tune
 
+from orchestrator.bundle import Phase, phase_of
 from orchestrator.frontier import (
     compare_experiments_figure,
     compute_frontier,
@@ -365,7 +366,7 @@ def _failures(tracker: Tracker, parent: str, results) -> list[str]:
 def _finish(spec: SweepSpec, search: str, tracker: Tracker, parent: str, acts: Activations, results,
             trials_seconds: float, exp_path: str, name: str) -> SweepOutcome:
     """Close the parent run with the frontier and the costs; raise if the sweep was cut short or points failed."""
-    unfinished = [r for r in results if r.error is None and (r.metrics or {}).get("phase") != "eval"]
+    unfinished = [r for r in results if r.error is None and phase_of(r.metrics) is not Phase.DONE]
     if unfinished:  # interrupted (Ctrl+C / SIGINT): Tune saved its state; the parent run stays open for --resume
         tracker.finish(parent, "KILLED")
         raise SweepInterrupted(f"{len(unfinished)} trial(s) unfinished; continue with: "

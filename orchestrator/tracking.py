@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from orchestrator.bundle import ERROR_FILE, point_dir
+from orchestrator.bundle import ERROR_FILE, Phase, phase_of, point_dir
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, point_name, points_from_config, sqlite_path
 from sae.evaluate import CURVE_METHODS, split_curve_key
@@ -400,7 +400,7 @@ class MLflowSweepCallback(tune.Callback):
         self._runs_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("phase") != "train":
+        if phase_of(result) is not Phase.TRAIN:
             return
         step = int(result["tokens_seen"])
         for point, run_id in self._runs_for(trial):

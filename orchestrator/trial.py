@@ -29,7 +29,7 @@ import ray
 import torch
 from ray import tune
 
-from orchestrator.bundle import ERROR_FILE, point_dir, point_done
+from orchestrator.bundle import ERROR_FILE, PHASE, Phase, point_dir, point_done
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, point_name, points_from_config
@@ -120,7 +120,7 @@ def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[
     checkpoint = trainer.step % spec.train.checkpoint_every_steps == 0
     if not checkpoint and trainer.step % spec.train.report_every_steps:
         return
-    payload = {"phase": "train", "tokens_seen": trainer.tokens_seen, "step": trainer.step}
+    payload = {PHASE: Phase.TRAIN, "tokens_seen": trainer.tokens_seen, "step": trainer.step}
     for key, m in zip(keys, metrics, strict=True):
         payload.update({f"{key}/{name}": float(v) for name, v in m.items()})
     if not checkpoint:
@@ -254,7 +254,7 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
                           **{f"train_final/{k}": v for k, v in last[i].items()}})
             _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
                           {"device": device, "compute_dtype": compute_dtypes[i]})
-        tune.report({"phase": "evaluated", "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
+        tune.report({PHASE: Phase.EVALUATED, "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
         _inject_crash()
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
 
@@ -335,7 +335,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
     """The trial's last report: how many points failed, plus (one-point trials, e.g. Optuna's) its objectives."""
     failed = [p for p in points if (point_dir(work, p) / ERROR_FILE).exists()]
-    out: dict[str, Any] = {"phase": "eval", "points": len(points), "points_failed": len(failed),
+    out: dict[str, Any] = {PHASE: Phase.DONE, "points": len(points), "points_failed": len(failed),
                            "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it, on a cluster
     if len(points) == 1:
         final = ({} if failed else

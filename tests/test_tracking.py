@@ -106,3 +106,15 @@ def test_newest_sweep_is_the_last_parent_run_of_any_experiment(tmp_path, monkeyp
     assert latest_parent(first.client, "exp-a") == old  # what the claims report reads by default
     with pytest.raises(ValueError, match="no FINISHED sweep run"):
         latest_parent(first.client, "exp-b")
+
+
+def test_report_phases_read_back_from_what_tune_stores():
+    """A restored sweep reads the phases Tune stored as plain strings (result.json): the values never change."""
+    import json
+
+    from orchestrator.bundle import PHASE, Phase, phase_of
+
+    for phase, stored in ((Phase.TRAIN, "train"), (Phase.EVALUATED, "evaluated"), (Phase.DONE, "eval")):
+        assert json.loads(json.dumps({PHASE: phase}))[PHASE] == stored
+        assert phase_of({PHASE: stored}) is phase
+    assert phase_of(None) is None and phase_of({"training_iteration": 3}) is None and phase_of({PHASE: "x"}) is None
