@@ -305,28 +305,3 @@ def iter_records(store: str, batch_size: int, *, shuffle: bool = False, seed: in
         batch["label_id"] = batch.pop("label")
         batch["label"] = [names[i] for i in batch["label_id"].tolist()]
         yield batch
-
-
-def read_dataset(store: str) -> Any:
-    """The store as a Ray Dataset: act is a float32 tensor column [d]; label a string; the rest integers.
-    Checks the manifest and shard sizes; full checksums are verify_store's job."""
-    import ray.data
-
-    m = read_manifest(store)
-    fs, path = storage_fs(store)
-    paths = []
-    for s in m.shards:
-        spath = _join(path, s["name"])
-        info = fs.get_file_info(spath)
-        if info.type != pafs.FileType.File or info.size != s["bytes"]:
-            raise ShardError(f"shard {spath} is missing or has the wrong size. {_fix_hint(store, spath)}")
-        paths.append(spath)
-    d, dtype = m.d, m.dtype
-
-    def as_tensor(batch: pa.Table) -> dict[str, np.ndarray]:
-        out = {c: batch.column(c).to_numpy() for c in ("token_id", "context_id", "position", "doc_id")}
-        out["label"] = batch.column("label").cast(pa.string()).to_numpy(zero_copy_only=False)
-        out["act"] = _decode_act(batch.column("act"), d, dtype).float().numpy()
-        return out
-
-    return ray.data.read_parquet(paths, filesystem=fs).map_batches(as_tensor, batch_format="pyarrow")

@@ -30,6 +30,7 @@ from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, point_name, points_from_config, sqlite_path
 from sae.evaluate import CURVE_METHODS, split_curve_key
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR
+from sae.train import METRIC_NAMES, PREFIX_FVU
 
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
 TUNE_TRIAL_TAG = "sae_frontier.tune_trial"  # the Tune trial that last ran the point (information only)
@@ -358,8 +359,8 @@ class MLflowSweepCallback(tune.Callback):
     its MLflow client lazily.
     """
 
-    TRAIN_KEYS = ("loss", "mse", "fvu", "l0", "dead_fraction", "aux_loss", "lr")
-    TRAIN_PREFIXES = ("prefix_fvu/",)  # a Matryoshka SAE's per-prefix training loss, one history per boundary
+    TRAIN_KEYS = METRIC_NAMES  # what Trainer.train_step reports for every SAE
+    TRAIN_PREFIXES = (PREFIX_FVU,)  # a Matryoshka SAE's per-prefix training loss, one history per boundary
 
     def __init__(self, tracking_uri: str, experiment: str, parent_id: str, spec_json: str):
         self.tracking_uri, self.experiment, self.parent_id = tracking_uri, experiment, parent_id

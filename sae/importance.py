@@ -354,29 +354,3 @@ def fit_power_law(
         bin_rank=torch.exp(log_rb),
         bin_importance=torch.exp(yb),
     )
-
-
-def importance_summary(stats: LatentStats, fit: PowerLawFit | None = None) -> dict[str, float]:
-    """Flat float dict: dead fraction, share of E[z^2] in the top 10% of latents, and the fit's main numbers."""
-    ms = torch.sort(stats.mean_sq, descending=True).values
-    total = float(ms.sum())
-    top = max(1, math.ceil(0.1 * ms.numel()))
-    out = {
-        "dead_fraction": float(stats.dead.to(torch.float64).mean()),
-        "ez2_top10pct_share": float(ms[:top].sum()) / total if total > 0 else float("nan"),
-        "mean_freq": float(stats.freq.mean()),
-    }
-    if fit is not None:
-        out.update(
-            power_law_exponent=fit.exponent,
-            power_law_exponent_lo=fit.exponent_lo,
-            power_law_exponent_hi=fit.exponent_hi,
-            power_law_r2=fit.r2,
-            exponential_rate=fit.exp_rate,
-            exponential_r2=fit.exp_r2,
-            power_law_preferred=fit.preferred_power_law,
-            power_law_n_fit=float(fit.n_fit),
-            power_law_dense_head=float(fit.dense_head),
-            **{f"heldout_mse_{k}": getattr(fit, f"heldout_mse_{k}") for k in MODELS},
-        )
-    return out

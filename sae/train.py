@@ -24,7 +24,8 @@ from sae.matryoshka import matryoshka_loss
 from sae.model import DenseAuxDecode, SparseAutoencoder, SparseEncoderGrad, sparse_decode, torch_dtype
 
 FINITE_CHECK_EVERY_GPU = 50  # steps between host reads of the finiteness flags on an accelerator
-METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  # + prefix_fvu/<m> for Matryoshka
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  # what train_step reports per SAE
+PREFIX_FVU = "prefix_fvu/"  # + <m>: a Matryoshka SAE's training FVU of prefix m, one per group boundary
 # AuxK goes dense over the dead columns once aux_k / n_dead reaches this. Measured on the 2-core dev box (d=576,
 # n=4608, B=4096, aux_k=288, forward+backward): the sparse kernels (embedding bag, COO matmuls) reach ~1/10 of a
 # BLAS matmul's flop/s, so dense wins from density ~0.08 (fp32) / ~0.07 (bf16): at 0.25 it takes ~0.55x the time,
@@ -295,7 +296,7 @@ class Trainer:
                 "lr": lr,
             }
             if cfg.is_matryoshka:  # per_prefix[-1] is the whole dictionary, so prefix_fvu/<n> == fvu
-                out.update({f"prefix_fvu/{b}": fvu_per_prefix[j] for j, b in enumerate(bounds)})
+                out.update({f"{PREFIX_FVU}{b}": fvu_per_prefix[j] for j, b in enumerate(bounds)})
             return out
 
     def _step_tensors(self, batch: Tensor) -> list[dict[str, Tensor | float]] | None:
