@@ -46,6 +46,7 @@ SPEC_ARTIFACT = "spec.yaml"  # the sweep's validated spec, on its parent run
 # the last choice, kept in the browser), so the links this module builds carry WORKFLOW_QUERY as well.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind
+GENAI_KIND = "genai_development"  # the UI's default kind: replaced; any other kind a person chose is kept
 WORKFLOW_QUERY = "workflowType=machine_learning"
 UI_URL_ENV = "SAE_FRONTIER_UI_URL"  # where the UI of a SQLite/file store is served
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `make ui`'s default UI_HOST and UI_PORT
@@ -91,7 +92,7 @@ class Tracker:
                     experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 self.experiment_id = found.experiment_id
-                if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # an experiment made before the tag
+                if found.tags.get(EXPERIMENT_KIND_TAG) in (None, GENAI_KIND):  # made before the tag, or GenAI
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def run_url(self, run_id: str) -> str:

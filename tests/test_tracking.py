@@ -77,6 +77,9 @@ def test_an_existing_experiment_is_tagged_once(tmp_path):
         assert Tracker(uri, name).experiment_id == exp_id  # again: the same experiment, the same tag
         assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     assert len(client.search_experiments()) == 3  # the two above and MLflow's Default
+    chosen = client.create_experiment("kind-chosen-in-the-ui", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    assert Tracker(uri, "kind-chosen-in-the-ui").experiment_id == chosen
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "finetuning"  # a person's choice is kept
 
 
 def test_run_url_points_at_the_ui_of_the_store(monkeypatch):
