@@ -25,6 +25,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -305,18 +306,17 @@ def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, 
     ctx = tokenize_contexts(corpus, load_tokenizer(cfg.model, revision=cfg.revision),
                             context_length=cfg.context_length, max_tokens=cfg.tokens, split=cfg.split,
                             eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    span = cfg.context_length - 1
     per = _plan(cfg, fs, path, len(ctx))
     n_shards = math.ceil(len(ctx) / per)
     labels = sorted(set(ctx.doc_labels.values()))
-    label_of = {d: labels.index(lab) for d, lab in ctx.doc_labels.items()}
+    plan = _ShardPlan(ctx, per, labels, {d: labels.index(lab) for d, lab in ctx.doc_labels.items()})
     _remove_stale_temps(fs, path, lease)
     done = {i: s for i in range(n_shards) if (s := _verified_sidecar(fs, path, i)) is not None}
     todo = [i for i in range(n_shards) if i not in done]
     log.info("harvest %s: %d contexts in %d shards, %d already complete, %d to run",
              key, len(ctx), n_shards, len(done), len(todo))
     if todo:
-        _run_actors(cfg, store, path, ctx, todo, per, span, labels, label_of, done, progress)
+        _run_actors(cfg, store, path, plan, todo, done, progress)
     shards = [done[i] for i in range(n_shards)]
     total = sum(s["rows"] for s in shards)
     if total != cfg.tokens:
@@ -331,24 +331,40 @@ def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, 
     log.info("harvest %s: %d tokens in %.1fs -> %s", key, total, time.perf_counter() - t_start, store)
 
 
-def _run_actors(cfg: HarvestConfig, store: str, path: str, ctx: Any, todo: list[int], per: int, span: int,
-                labels: list[str], label_of: dict[int, int], done: dict[int, dict[str, Any]], progress: bool) -> None:
+@dataclass(frozen=True)
+class _ShardPlan:
+    """How the tokenized contexts split into shards, and the label index of each document."""
+
+    ctx: Any  # sae.corpus's tokenized contexts
+    per: int  # contexts per shard
+    labels: list[str]
+    label_of: dict[int, int]  # document id -> index into labels
+
+    def items(self, todo: list[int], tokens: int, span: int) -> list[dict[str, Any]]:
+        """The Ray Data items of the shards still to harvest: contexts, token documents and labels, row count
+        (span: stored rows per context, its tokens less BOS)."""
+        docs = np.array(sorted(self.label_of), dtype=np.int64)
+        doc_label = np.array([self.label_of[d] for d in docs.tolist()], dtype=np.int32)
+        items = []
+        for i in todo:
+            a, b = i * self.per, min((i + 1) * self.per, len(self.ctx))
+            doc = self.ctx.token_doc_ids[a:b].numpy()
+            items.append({"index": i, "first_context": a, "rows": min(b * span, tokens) - a * span,
+                          "input_ids": self.ctx.input_ids[a:b].numpy().astype(np.int32),
+                          "token_doc": doc, "token_label": doc_label[np.searchsorted(docs, doc)]})
+        return items
+
+
+def _run_actors(cfg: HarvestConfig, store: str, path: str, plan: _ShardPlan, todo: list[int],
+                done: dict[int, dict[str, Any]], progress: bool) -> None:
     import ray
     import ray.data
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     gpus, cpus, threads, device = _resources(cfg)
-    docs = np.array(sorted(label_of), dtype=np.int64)
-    doc_label = np.array([label_of[d] for d in docs.tolist()], dtype=np.int32)
-    items = []
-    for i in todo:
-        a, b = i * per, min((i + 1) * per, len(ctx))
-        rows = min(b * span, cfg.tokens) - a * span
-        doc = ctx.token_doc_ids[a:b].numpy()
-        items.append({"index": i, "first_context": a, "rows": rows,
-                      "input_ids": ctx.input_ids[a:b].numpy().astype(np.int32),
-                      "token_doc": doc, "token_label": doc_label[np.searchsorted(docs, doc)]})
+    items = plan.items(todo, cfg.tokens, cfg.context_length - 1)
+    labels = plan.labels
     # Ray Data's own progress is off: ours below counts tokens, and Ray's bar would interleave with it on a
     # terminal and, in a log, becomes a dump of the whole pipeline's state every 10 s. A dataset copies the
     # current DataContext when it is created, so the setting is made before and undone right after.
