@@ -51,9 +51,16 @@ SNAPSHOT_SKIP = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: all bound at once, so no two are the same; released together on return."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def processes_under(temp_root: Path) -> list:
@@ -142,22 +149,23 @@ def _ray(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
 
 def _node_ports() -> list[str]:
     """The ports a Ray node binds that default to fixed numbers: a second node on one machine needs its own."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "node-manager-port", "object-manager-port")
+    return [f"--{name}={port}" for name, port in zip(names, free_ports(len(names)), strict=True)]
 
 
 @contextmanager
 def cluster(work: Path, log=print) -> Iterator[Cluster]:
     """Start the object store, the MLflow server and a two-node Ray cluster; stop them all on exit."""
     log(ensure_token())
-    s3_port, mlflow_port, gcs_port, dash_port = free_port(), free_port(), free_port(), free_port()
+    s3_port, mlflow_port, gcs_port, dash_port, client_port = free_ports(5)
     s3 = f"http://127.0.0.1:{s3_port}"
     env = {**os.environ, **S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
            "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    nodes = Path(tempfile.mkdtemp(prefix="sfc-"))  # short: Ray's socket paths under it must fit 107 bytes
+    # short: Ray's socket paths under it must fit 107 bytes; resolved: the processes name it by its real path
+    nodes = Path(tempfile.mkdtemp(prefix="sfc-")).resolve()
     demo = Cluster(work=work, s3_endpoint=s3, tracking_uri=f"http://127.0.0.1:{mlflow_port}",
                    gcs_address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}",
                    ray_temp=nodes, env=env)
@@ -182,6 +190,7 @@ def cluster(work: Path, log=print) -> Iterator[Cluster]:
         # each node its own temp dir: nodes sharing one would unpack the job's working dir over each other's
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
         _ray(["start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+              f"--ray-client-server-port={client_port}",
               f"--temp-dir={nodes / 'head'}", *common, *_node_ports()], env)
         _ray(["start", f"--address={demo.gcs_address}", f"--temp-dir={nodes / 'node2'}", *common, *_node_ports()], env)
         yield demo
@@ -199,7 +208,8 @@ def submit(demo: Cluster, spec: str = SPEC, log=print, echo=print) -> tuple[str,
     the job id and its log. Raises RuntimeError with the log's tail when the job fails."""
     runtime_env = yaml.safe_load((ROOT / "sweeps" / "runtime_env.yaml").read_text())
     # a real cluster gives its nodes credentials and the endpoint; here the job carries them to every worker
-    runtime_env["env_vars"] = {k: demo.env[k] for k in (*S3_CREDENTIALS, "AWS_ENDPOINT_URL")}
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
+                               **{k: demo.env[k] for k in (*S3_CREDENTIALS, "AWS_ENDPOINT_URL")}}
     env_file = demo.work / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
     args = [ray_cli(), "job", "submit", "--address", demo.dashboard, "--working-dir", ".",
@@ -301,7 +311,7 @@ def inspect(demo: Cluster, experiment: str, before: dict[str, tuple[int, int]]) 
 def main() -> int:
     from orchestrator.spec import load_spec
 
-    experiment = load_spec(SPEC).experiment
+    experiment = load_spec(SPEC).experiment_name
     before = snapshot()
     work = Path(tempfile.mkdtemp(prefix="sae-frontier-cluster-"))
     try:

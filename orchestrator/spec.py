@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -284,15 +285,15 @@ class SweepSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def spec_hash(self) -> str:
-        """Fields added after sweeps had been run (ADDED_FIELDS) count only off their defaults, so a sweep started
-        before they existed still matches its spec on --resume."""
+        """Fields added after sweeps had been run (ADDED_FIELDS) are left out while their value means what the spec
+        meant before they existed, so a sweep started before them still matches its spec on --resume."""
         unset: dict[str, Any] = {}
-        for dotted in ADDED_FIELDS:
-            *parents, name = dotted.split(".")
-            model, where = self, unset
-            for parent in parents:
-                model, where = getattr(model, parent), where.setdefault(parent, {})
-            if getattr(model, name) == type(model).model_fields[name].default:
+        for dotted, as_before in ADDED_FIELDS.items():
+            if as_before(self):
+                *parents, name = dotted.split(".")
+                where = unset
+                for parent in parents:
+                    where = where.setdefault(parent, {})
                 where[name] = True
         return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
 
@@ -334,7 +335,13 @@ class SweepSpec(_Strict):
         )
 
 
-ADDED_FIELDS = ("text_unit", "corpus_field", "train.aux_tokens")  # see SweepSpec.spec_hash
+# Fields added after sweeps had been run (SweepSpec.spec_hash), each with when its value means what the spec meant
+# before it existed: a corpus read as before, and AuxK on the whole batch (the window covers it, or there is none).
+ADDED_FIELDS: dict[str, Callable[[SweepSpec], bool]] = {
+    "text_unit": lambda s: s.text_unit == SweepSpec.model_fields["text_unit"].default,
+    "corpus_field": lambda s: s.corpus_field == SweepSpec.model_fields["corpus_field"].default,
+    "train.aux_tokens": lambda s: s.train.aux_tokens is None or s.train.aux_tokens >= s.train.batch_size,
+}
 
 
 def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> dict[str, Any]:

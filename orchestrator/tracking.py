@@ -128,7 +128,8 @@ class Tracker:
         old = self.client.get_run(run_id).data.tags.get(SPEC_HASH_TAG)
         if old != spec_hash:
             raise ValueError(f"--resume: sweep {sweep_key} was started with another spec (hash {old}, now {spec_hash}); "
-                             "restore the spec it ran with, or start a new sweep without --resume")
+                             "restore the spec it ran with (a sweep from before train.aux_tokens existed ran AuxK on "
+                             "the whole batch: set train.aux_tokens: null), or start a new sweep without --resume")
 
     def child_run(self, parent_id: str, point_key: str, *, tune_trial: str, name: str,
                   params: dict[str, Any]) -> str:

@@ -467,8 +467,8 @@ def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:
 
 
 def aux_rows(batch: int, aux_tokens: int | None, step: int) -> slice:
-    """The rows of a batch that AuxK sees this step: all, or a window of aux_tokens rows that moves by its own
-    length each step (so every row position takes its turn, and a resumed run picks the same rows)."""
+    """The rows of a batch that AuxK sees this step: all, or a window of aux_tokens rows that moves each step (a
+    resumed run picks the same rows). Batches arrive shuffled, so which rows a window covers carries no bias."""
     if aux_tokens is None or aux_tokens >= batch:
         return slice(None)
     start = (step * aux_tokens) % (batch - aux_tokens + 1)

@@ -26,7 +26,7 @@ def demo_run():
     try:
         with cluster_demo.cluster(work, log=lines.append) as demo:
             job, said = cluster_demo.submit(demo, log=lines.append, echo=None)
-            facts = cluster_demo.inspect(demo, spec.experiment, before)
+            facts = cluster_demo.inspect(demo, spec.experiment_name, before)
             running = len(cluster_demo.processes_under(demo.ray_temp))
         left = len(cluster_demo.processes_under(demo.ray_temp))
         yield spec, said, facts, (running, left)

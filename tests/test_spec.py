@@ -204,6 +204,13 @@ def test_aux_tokens_reaches_the_train_config_and_keeps_old_hashes():
     assert default.train_config(point, "cpu").aux_tokens == TrainConfig().aux_tokens
     whole = spec_from_dict(smoke_dict(train={"aux_tokens": None}))
     assert whole.train_config(point, "cpu").aux_tokens is None
-    assert whole.spec_hash() != default.spec_hash()  # off its default, the setting counts
+    # smoke's batch (512) is inside the default window, so AuxK sees the whole batch either way: the same spec as
+    # before the field existed, the same hash; a window smaller than the batch is a different spec
+    assert whole.spec_hash() == default.spec_hash()
+    window = spec_from_dict(smoke_dict(train={"aux_tokens": 128}))
+    assert window.spec_hash() != default.spec_hash()
+    big = {"batch_size": 4096}  # paper.yaml's batch: the default window now changes AuxK, so the old hash needs null
+    assert spec_from_dict(smoke_dict(train={**big, "aux_tokens": None})).spec_hash() != \
+        spec_from_dict(smoke_dict(train=big)).spec_hash()
     with pytest.raises(SpecError, match="train.aux_tokens"):
         spec_from_dict(smoke_dict(train={"aux_tokens": 0}))
