@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.packing import MB, MemoryEstimate, plan_packs, trial_device, trial_memory
-from orchestrator.spec import SpecError, SweepSpec, resolve_path, sqlite_path
+from orchestrator.spec import SpecError, SweepSpec, is_tracking_server, resolve_path, sqlite_path
 from sae.lm import ModelInfo
 
 GB = 1 << 30
@@ -126,7 +126,7 @@ def check_tracking(uri: str, timeout: float = TRACKING_TIMEOUT_S) -> None:
     status counts: an authenticating server that says 401 is up) within `timeout` seconds, one attempt."""
     if (db := sqlite_path(uri)) is not None:
         check_writable("tracking_uri", str(db.parent), need=0)
-    elif uri.startswith(("http://", "https://")):
+    elif is_tracking_server(uri):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
                 pass

@@ -410,6 +410,11 @@ def sqlite_uri(path: str | os.PathLike) -> str:
     return SQLITE + str(path)
 
 
+def is_tracking_server(tracking_uri: str) -> bool:
+    """An `mlflow server` (which serves its UI too), rather than a store on disk that `make ui` must serve."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """Make a relative sqlite URI absolute, so every Ray worker and job writes one store."""
     db = sqlite_path(uri)

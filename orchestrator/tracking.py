@@ -27,7 +27,7 @@ from ray import tune
 
 from orchestrator.bundle import ERROR_FILE, Phase, phase_of, point_dir
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
-from orchestrator.spec import SweepSpec, point_name, points_from_config, sqlite_path
+from orchestrator.spec import SweepSpec, is_tracking_server, point_name, points_from_config, sqlite_path
 from sae.evaluate import CURVE_METHODS, split_curve_key
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR
 from sae.train import METRIC_NAMES, PREFIX_FVU
@@ -295,11 +295,6 @@ def download_trial_bundle(tracking_uri: str, run_id: str, dst: str | Path) -> tu
             loaded = yaml.safe_load(Path(client.download_artifacts(parent, SPEC_ARTIFACT, tmp)).read_text())
         spec = loaded if isinstance(loaded, dict) else {}
     return dst, spec
-
-
-def is_tracking_server(tracking_uri: str) -> bool:
-    """An `mlflow server` (which serves its UI too), rather than a store on disk that `make ui` must serve."""
-    return tracking_uri.startswith(("http://", "https://"))
 
 
 def ui_base_url(tracking_uri: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.spec import SPEC_DIR, SpecError, load_spec  # noqa: E402
+from orchestrator.spec import SPEC_DIR, SpecError, is_tracking_server, load_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from orchestrator.sweep import PointsFailed, SweepInterrupted, frontier_table, run_sweep
-    from orchestrator.tracking import is_tracking_server
 
     failed: PointsFailed | None = None
     try:
