@@ -197,8 +197,7 @@ def export(source: str | os.PathLike, to: Format, out: str | os.PathLike, *, dty
     """
     if to not in FORMATS:
         raise ValueError(f"to must be one of {list(FORMATS)}, got {to!r}")
-    if dtype not in saelens.EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(saelens.EXPORT_DTYPES)}, got {dtype!r}")
+    saelens.check_dtype(dtype)
     if unknown := sorted(set(metadata) - set(SPEC_KEYS)):
         raise TypeError(f"export() got unknown metadata {unknown}; it takes {list(SPEC_KEYS)}")
     sae_dir, recorded, what = locate(source)

@@ -58,6 +58,13 @@ CONFIG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
 # metadata.sae_lens_version: SAELens reads a cfg.json below 6.0 (or without a version) with its legacy converter
 FORMAT_VERSION = "6.0.0"
 EXPORT_DTYPES = {**DTYPES, "float64": torch.float64}
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """An export dtype's torch dtype; any other name raises ValueError listing the valid ones."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    return EXPORT_DTYPES[dtype]
 SITE_HOOKS = {kind: f"hook_{kind}" for kind in SITE_KINDS}  # TransformerLens names its hooks after the same kinds
 
 
@@ -84,9 +91,8 @@ def fold_input_scale(sae) -> dict[str, torch.Tensor]:
 
 def cast_finite(tensors: dict[str, torch.Tensor], dtype: str, sae, fmt: str) -> dict[str, torch.Tensor]:
     """`tensors` cast to `dtype` (contiguous, CPU); a NaN/Inf after the cast raises ValueError naming the tensor."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
-    out = {k: v.to(EXPORT_DTYPES[dtype]).cpu().contiguous() for k, v in tensors.items()}
+    torch_dtype = check_dtype(dtype)
+    out = {k: v.to(torch_dtype).cpu().contiguous() for k, v in tensors.items()}
     for name, t in out.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"{fmt} export: tensor {name} holds NaN/Inf after folding input_scale="
@@ -115,8 +121,7 @@ def saelens_config(sae, *, model_name: str, hook_name: str, hook_layer: int, con
     """
     cfg = sae.cfg
     arch = saelens_architecture(sae)
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     meta: dict[str, Any] = {
         "sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": model_name, "hook_name": hook_name, "hook_layer": int(hook_layer), "hook_head_index": None,
