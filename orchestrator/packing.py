@@ -81,7 +81,7 @@ def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: M
     # loading holds the checkpoint's tensors and the model's at once (measured: +1.13 GB for SmolLM2's 0.54 GB)
     lm_bytes = lm.n_params * lm_dtype_bytes * (1 if device == "cuda" else 2)
     length = spec.eval.splice_length or spec.context_length
-    clean_logp = spec.eval.splice_contexts * (length - 1) * lm.vocab_size * 4
+    clean_p = spec.eval.splice_contexts * (length - 1) * lm.vocab_size * 4  # the scorer's cached clean distribution
     # one [tokens, vocab] fp32 logits chunk of the spliced losses. Against peaks measured on the dev box
     # (benchmarks/sweep_cost.py, default spec: 2.30-2.34 GB per one-point trial, 2.41 GB for the 4-point pack)
     # this estimate is 1.12-1.16x (2.58-2.73 GB): on the safe side, within 20%
@@ -91,7 +91,7 @@ def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: M
     encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set
     importance = spec.eval.importance_tokens * d * 4
     weights = sum(4 * (2 * d * p["n_latents"]) for p in points)
-    evaluation = base + lm_bytes + clean_logp + loss_chunk + eval_acts + encode + importance + weights
+    evaluation = base + lm_bytes + clean_p + loss_chunk + eval_acts + encode + importance + weights
     return MemoryEstimate(train=train, eval=evaluation)
 
 
