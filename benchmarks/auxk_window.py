@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_quality import default_stores  # noqa: E402
+from benchmarks.train_quality import default_stores, score  # noqa: E402
 from orchestrator.shards import iter_batches  # noqa: E402
 from sae.config import SAEConfig, TrainConfig  # noqa: E402
 from sae.train import Trainer  # noqa: E402
@@ -53,8 +53,7 @@ def main() -> int:
         sae = Trainer([(cfg, tc)]).fit(
             iter_batches(found["train"][0], a.batch_size, seed=0, epochs=100, drop_last=True), max_tokens=a.tokens,
             callback=lambda n, ms, log=log: log.append((ms[0]["dead_fraction"], ms[0]["fvu"])), log_every=10)[0]
-        with torch.no_grad():
-            fvu[aux] = float(((held - sae(held)) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
+        fvu[aux] = score(lambda x, sae=sae: (sae(x), sae.encode(x)[0]), held)[0]
         print(f"aux_tokens={aux or 'batch'}: eval_fvu={fvu[aux]:.5f} train_fvu_last={log[-1][1]:.5f} "
               f"mean_dead_fraction={sum(d for d, _ in log) / len(log):.4f} ({time.perf_counter() - t:.0f} s)")
     print(f"fvu_window_vs_batch: {fvu[a.aux_tokens] / fvu[None]:.4f}")
