@@ -32,7 +32,7 @@ from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power
 from sae.interp import encode_all, firing_frequency, group_latents, proxy_report, token_concentration
 from sae.metrics import ReconstructionAccumulator, RSAReference, batch_moments, linear_cka_from_grams
 from sae.model import evaluating
-from sae.prune import RULES, order_latents, reduced_code
+from sae.prune import RULES, nested_reselect_codes, order_latents, reduced_code
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
 PRIMARY_RULE = "masked"
@@ -193,6 +193,18 @@ def _code(sae, r: _Reduced | None, pre: Tensor, vals: Tensor, idx: Tensor) -> tu
     return reduced_code(sae, pre, vals, idx, r.kept, r.rule, r.mask)
 
 
+def _reselect_curves(sae, reduced: list[_Reduced]) -> list[list[_Reduced]]:
+    """The `reselect` items of each (method, draw) of a TopK SAE, smallest G first: their kept sets are prefixes
+    of one order, so `nested_reselect_codes` finds all their codes in one pass."""
+    if sae.cfg.architecture != "topk":
+        return []
+    curves: dict[tuple[str, int], list[_Reduced]] = {}
+    for r in reduced:
+        if r.rule == "reselect":
+            curves.setdefault((r.method, r.draw), []).append(r)
+    return [sorted(c, key=lambda r: r.g) for c in curves.values()]
+
+
 def _encode_full(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, pre = sae.pre_activations(sae.normalise(x))
     vals, idx = sae.select(pre)
@@ -225,6 +237,7 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     items = [full, *reduced]
+    curves = _reselect_curves(sae, reduced)
     for r in items:
         if r is full or r.method in detailed:
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
@@ -237,8 +250,11 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
         xc = x - shift
         gram_x += (xc.T @ xc).double()
         sum_x += xc.sum(0, dtype=torch.float64)
+        codes = {id(r): code for curve in curves
+                 for r, code in zip(curve, nested_reselect_codes(sae, pre, [r.kept for r in curve], vals.dtype),
+                                    strict=True)}
         for r in items:
-            v, i = _code(sae, r, pre, vals, idx)
+            v, i = codes[id(r)] if id(r) in codes else _code(sae, r, pre, vals, idx)
             x_hat = sae.decode(v, i).float()
             r.acc.update(x, x_hat, v, moments=moments)
             r.fired[i[v > 0]] = True

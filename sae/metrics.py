@@ -1,7 +1,8 @@
-"""Reconstruction and similarity metrics for an SAE, all computed in float64.
+"""Reconstruction and similarity metrics for an SAE, all summed in float64.
 
 Why float64: FVU is a ratio of two sums over up to ~1e8 squared values; float32 sums drift by more than the
-differences between SAEs being compared. The streaming accumulator merges per-batch means and centred second
+differences between SAEs being compared. (The streaming accumulator forms each squared error in the inputs'
+precision, one rounding per element that does not accumulate, and sums them in float64.) The streaming accumulator merges per-batch means and centred second
 moments (Chan et al.), so it equals the one-shot value without the cancellation of sum(x^2) - N mean^2.
 
 Conventions: `mse` is the mean over all elements (tokens x dimensions); `l0` counts non-zeros per token, so
@@ -57,18 +58,21 @@ def dead_fraction(freq: Tensor) -> float:
 
 
 class BatchMoments(NamedTuple):
-    """One batch's targets in float64 with their mean and centred sum of squares: computed once per batch and
-    shared by every reconstruction of it (an evaluation scores ~70 reduced SAEs against the same x)."""
+    """One batch's targets [B, d] (as given) with their float64 mean and centred sum of squares: computed once
+    per batch and shared by every reconstruction of it (an evaluation scores ~70 reduced SAEs against the same x)."""
 
-    x64: Tensor
+    x: Tensor
     mean: Tensor
     m2: float
 
 
 def batch_moments(x: Tensor) -> BatchMoments:
-    x64 = _flat(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must be [tokens, d] (or [..., d]), got shape {list(x.shape)}")
+    x = x.reshape(-1, x.shape[-1])
+    x64 = x.to(torch.float64)
     mean = x64.mean(0)
-    return BatchMoments(x64, mean, float((x64 - mean).pow(2).sum()))
+    return BatchMoments(x, mean, float((x64 - mean).pow(2).sum()))
 
 
 class ReconstructionAccumulator:
@@ -90,8 +94,8 @@ class ReconstructionAccumulator:
         if x.shape != x_hat.shape:
             raise ValueError(f"x and x_hat must have the same shape, got {list(x.shape)} and {list(x_hat.shape)}")
         moments = moments if moments is not None else batch_moments(x)
-        x64, xh64 = moments.x64, _flat(x_hat, "x_hat")
-        b, d = x64.shape
+        x_flat, xh_flat = moments.x, x_hat.reshape(moments.x.shape)
+        b, d = x_flat.shape
         if b == 0:
             return
         if self._d is not None and d != self._d:
@@ -107,7 +111,8 @@ class ReconstructionAccumulator:
             self._m2 += batch_m2 + float(delta.pow(2).sum()) * n_a * b / n
             self._mean = self._mean + delta * (b / n)
         self.tokens += b
-        self._sq_err += float(torch.sub(x64, xh64).pow_(2).sum())
+        # each error in the inputs' precision (one rounding per element, no drift), their sum in float64
+        self._sq_err += float(torch.sub(x_flat, xh_flat).pow_(2).sum(dtype=torch.float64))
         if values is None:
             self._has_l0 = False
         else:

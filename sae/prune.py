@@ -132,3 +132,36 @@ def reduced_code(sae, pre: Tensor, full_vals: Tensor, full_idx: Tensor, kept: Te
         width = max(1, int(active.sum(1).max()))
         vals, idx = sub.masked_fill(~active, 0).topk(width, dim=1, sorted=False)
     return vals, kept[idx]
+
+
+def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """The `reselect` codes of nested kept sets, each a prefix of the next (`order[:G]` for increasing G), as
+    `reduced_code` gives them one by one (TopK only), from one search of each band between consecutive sets: the
+    top k among order[:G2] is the top k of the top k among order[:G1] and the top k among order[G1:G2]. So a
+    curve costs one pass over its largest kept set instead of one per G."""
+    if sae.cfg.architecture != "topk":
+        raise ValueError("nested_reselect_codes is for TopK SAEs; BatchTopK's reselect code is its threshold")
+    k = sae.cfg.k
+    top_v = pre.new_empty(pre.shape[0], 0)
+    top_i = torch.empty(pre.shape[0], 0, dtype=torch.long, device=pre.device)
+    out: list[tuple[Tensor, Tensor]] = []
+    previous = prefixes[0][:0] if prefixes else torch.empty(0, dtype=torch.long)
+    for kept in prefixes:
+        start = previous.numel()
+        if kept.numel() <= start or not torch.equal(kept[:start], previous):
+            raise ValueError(f"each kept set must extend the one before it (a prefix of one order), got sizes "
+                             f"{[p.numel() for p in prefixes]}")
+        band = kept[start:]
+        band_v, j = pre.index_select(1, band).topk(min(k, band.numel()), dim=1, sorted=False)
+        top_v, top_i = torch.cat([top_v, band_v], 1), torch.cat([top_i, band[j]], 1)
+        if top_v.shape[1] > k:
+            top_v, j = top_v.topk(k, dim=1, sorted=False)
+            top_i = top_i.gather(1, j)
+        previous = kept
+        width = min(k, kept.numel() - 1)
+        v, i = top_v, top_i
+        if width < v.shape[1]:
+            v, j = v.topk(width, dim=1, sorted=False)
+            i = i.gather(1, j)
+        out.append((v.to(dtype).clamp_min(0), i))
+    return out

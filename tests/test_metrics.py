@@ -42,7 +42,7 @@ def test_l0_and_dead_fraction():
 
 
 def test_accumulator_equals_one_shot():
-    x, x_hat = _data(n=257)
+    x, x_hat = (t.double() for t in _data(n=257))  # float64 in, float64 throughout: equal to rounding
     values = (torch.rand(257, 8, generator=torch.Generator().manual_seed(1)) > 0.4).float()
     acc = ReconstructionAccumulator()
     for s in range(0, 257, 50):  # uneven last batch
@@ -56,6 +56,10 @@ def test_accumulator_equals_one_shot():
     for s in range(0, 257, 50):
         shared.update(x[s : s + 50], x_hat[s : s + 50], values[s : s + 50], moments=batch_moments(x[s : s + 50]))
     assert shared.result() == r
+    single = ReconstructionAccumulator()  # float32 in: each error rounds once, the sums stay float64
+    for s in range(0, 257, 50):
+        single.update(x[s : s + 50].float(), x_hat[s : s + 50].float(), values[s : s + 50])
+    assert single.result()["fvu"] == pytest.approx(r["fvu"], rel=1e-7)
     acc2 = ReconstructionAccumulator()
     acc2.update(x, x_hat)
     assert math.isnan(acc2.result()["l0"])

@@ -8,7 +8,15 @@ from sae.config import SAEConfig, TrainConfig
 from sae.importance import LatentStats, fit_power_law, latent_stats
 from sae.model import SparseAutoencoder
 from sae.plots import plot_importance, plot_pruning_curves
-from sae.prune import RULES, order_latents, prefix_sae, prune_sae, pruned_config, reduced_code
+from sae.prune import (
+    RULES,
+    nested_reselect_codes,
+    order_latents,
+    prefix_sae,
+    prune_sae,
+    pruned_config,
+    reduced_code,
+)
 
 GS = [8, 16, 32, 64]
 
@@ -162,3 +170,26 @@ def test_order_latents():
     assert torch.equal(r, order_latents(stats, "random", seed=3)) and sorted(r.tolist()) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="measure must be one of"):
         order_latents(stats, "magnitude")
+
+
+def test_nested_reselect_codes_equal_one_search_per_G():
+    """The band-by-band search gives each G the code reduced_code finds by searching all of order[:G], G <= k
+    included (k becomes G - 1); sets that are not prefixes of one order are refused."""
+    cfg = SAEConfig(d_in=16, n_latents=256, k=8)
+    sae = SparseAutoencoder.from_config(cfg, seed=3).eval()
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(5))
+    gs = [2, 5, 9, 40, 41, 200, 255]
+    with torch.no_grad():
+        _, pre = sae.pre_activations(sae.normalise(x))
+        vals, idx = sae.select(pre)
+        nested = nested_reselect_codes(sae, pre, [order[:g] for g in gs], vals.dtype)
+        for g, (v, i) in zip(gs, nested, strict=True):
+            ev, ei = reduced_code(sae, pre, vals, idx, order[:g], "reselect")
+            assert v.shape == ev.shape == (300, min(8, g - 1))
+            dense = [torch.zeros(300, 256).scatter_(1, ii, vv) for vv, ii in ((v, i), (ev, ei))]
+            assert torch.equal(dense[0], dense[1]), g
+    with pytest.raises(ValueError, match="must extend the one before it"):
+        nested_reselect_codes(sae, pre, [order[:9], order[1:20]], vals.dtype)
+    with pytest.raises(ValueError, match="must extend the one before it"):
+        nested_reselect_codes(sae, pre, [order[:9], order[:9]], vals.dtype)
