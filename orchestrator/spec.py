@@ -121,6 +121,10 @@ class EvalSpec(_Strict):
     splice_length: int | None = Field(None, ge=2, description="tokens per spliced context (BOS included); "
                                                               "null: the whole context")
     splice_rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: ["masked"])
+    splice_dtype: ComputeDType = Field(
+        "auto", description="the LM's dtype in the CE/KL splice, its clean pass included (the harvest keeps "
+                            "lm_dtype); auto: bfloat16 where the device runs it natively (sae.train.native_bf16), "
+                            "else float32. docs/science.md gives what bf16 changes")
     rsa_tokens: int = Field(2048, ge=16, le=16384, description="RSA compares all pairs: O(n^2) memory")
     probe_features: int = Field(8, ge=1, le=4096)
     probe_candidates: int = Field(64, ge=1, le=1 << 20, description="candidate latents per probe, the same for every group")
@@ -336,11 +340,13 @@ class SweepSpec(_Strict):
 
 
 # Fields added after sweeps had been run (SweepSpec.spec_hash), each with when its value means what the spec meant
-# before it existed: a corpus read as before, and AuxK on the whole batch (the window covers it, or there is none).
+# before it existed: a corpus read as before, AuxK on the whole batch (the window covers it, or there is none), and
+# a float32 splice (auto may splice in bf16, so an older sweep's spec is not resumed under it unnoticed).
 ADDED_FIELDS: dict[str, Callable[[SweepSpec], bool]] = {
     "text_unit": lambda s: s.text_unit == SweepSpec.model_fields["text_unit"].default,
     "corpus_field": lambda s: s.corpus_field == SweepSpec.model_fields["corpus_field"].default,
     "train.aux_tokens": lambda s: s.train.aux_tokens is None or s.train.aux_tokens >= s.train.batch_size,
+    "eval.splice_dtype": lambda s: s.eval.splice_dtype == "float32",
 }
 
 

@@ -39,10 +39,10 @@ from sae.corpus import special_ids
 from sae.evaluate import EvalData, evaluate_progressive, principal_method
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR, SPEC_KEYS, spec_metadata, write_saelens
 from sae.importance import latent_stats
-from sae.lm import compute_dtype_for, load_lm
+from sae.lm import load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
-from sae.train import Trainer
+from sae.train import Trainer, resolve_compute_dtype
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
@@ -225,16 +225,19 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
     saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
 
     t1 = time.perf_counter()
+    splice_dtype = resolve_compute_dtype(spec.eval.splice_dtype, device)
     if todo:
         import transformers
 
         # a trial's output reaches the driver through Ray's log lines, where a "Loading weights" bar is just noise
         transformers.utils.logging.disable_progress_bar()
         data, positions = load_eval_data(eval_store, spec)
-        lm = load_lm(spec.model, device=device, dtype=compute_dtype_for(device, spec.lm_dtype), revision=spec.revision)
+        lm = load_lm(spec.model, device=device, dtype=splice_dtype, revision=spec.revision)
         contexts = splice_contexts(data, positions, spec.eval.splice_contexts, special_ids(lm.tokenizer)[0],
                                    spec.eval.splice_length)
         scorer = SpliceScorer(lm, contexts, spec.site)
+        print(f"[eval] LM splice: {scorer.path} path, {splice_dtype}, {contexts.shape[0]} contexts x "
+              f"{contexts.shape[1]} tokens{f' ({scorer.fallback_reason})' if scorer.path == 'full' else ''}", flush=True)
         sample = list(importance_sample(train_store, spec.eval.importance_tokens))
     shared_eval = time.perf_counter() - t1
     shared = {"pack_size": float(len(points)), **training,
@@ -253,7 +256,8 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
                           "splice_tokens": float(contexts.numel()), "peak_memory_mb": peak_memory_mb(device),
                           **{f"train_final/{k}": v for k, v in last[i].items()}})
             _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
-                          {"device": device, "compute_dtype": compute_dtypes[i]})
+                          {"device": device, "compute_dtype": compute_dtypes[i],
+                           "splice_dtype": splice_dtype})
         tune.report({PHASE: Phase.EVALUATED, "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
         _inject_crash()
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))

@@ -80,7 +80,10 @@ def test_memory_estimate_grows_with_the_dictionary_and_the_lm():
     b = trial_memory(spec, [big], d=64, lm=LM, shard_rows=512)
     assert b.train > a.train
     bigger_lm = ModelInfo(**{**LM.__dict__, "n_params": 2 * LM.n_params})
-    assert trial_memory(spec, [small], d=64, lm=bigger_lm, shard_rows=512).eval - a.eval == 2 * 4 * LM.n_params
+    for dtype, width in (("float32", 4), ("bfloat16", 2)):  # the evaluation's LM is loaded in eval.splice_dtype
+        spec = load_spec("smoke", {**spec.model_dump(), "eval": {**spec.eval.model_dump(), "splice_dtype": dtype}})
+        grown = trial_memory(spec, [small], d=64, lm=bigger_lm, shard_rows=512).eval
+        assert grown - trial_memory(spec, [small], d=64, lm=LM, shard_rows=512).eval == 2 * width * LM.n_params
 
 
 def test_pack_setting_is_validated():
