@@ -47,7 +47,8 @@ def main() -> int:
     cfg = SAEConfig(d_in=held.shape[1], n_latents=4608, k=32)
     fvu = {}
     for aux in (None, a.aux_tokens):
-        tc = TrainConfig(warmup_steps=20, aux_tokens=aux, dead_tokens=a.dead_tokens, total_tokens=a.tokens, seed=0)
+        tc = TrainConfig(warmup_steps=20, aux_tokens=aux, dead_tokens=a.dead_tokens, total_tokens=a.tokens, seed=0,
+                         compute_dtype="float32")
         log: list[tuple[float, float]] = []
         t = time.perf_counter()
         sae = Trainer([(cfg, tc)]).fit(

@@ -133,7 +133,7 @@ def main() -> None:
     data = make_data(4, B, d, device)
     held_out = make_data(1, B, d, device, seed=1)[0]
     aux = {} if a.aux_tokens is None else {"aux_tokens": a.aux_tokens or None}
-    tc = TrainConfig(device=a.device, warmup_steps=0, **aux)
+    tc = TrainConfig(device=a.device, warmup_steps=0, compute_dtype="float32", **aux)
     print(f"aux_tokens={tc.aux_tokens or 'the whole batch'}")
     bf16 = tc.model_copy(update={"compute_dtype": "bfloat16"})
     base = SAEConfig(d_in=d, n_latents=n, k=k)

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae.config import AuxLoss, ComputeDType, SAEConfig, TrainConfig
+from sae.config import ComputeDType, SAEConfig, TrainConfig, TrainSettings
 from sae.corpus import CorpusOptions, TextUnit, default_label_column
 from sae.evaluate import PRIMARY_RULE, EvalOptions
 from sae.lm import site_from_name
@@ -90,21 +91,14 @@ class GridSpec(_Strict):
         return v
 
 
-class TrainSpec(_Strict):
-    batch_size: int = Field(4096, ge=1, le=1 << 20)
-    epochs: int = Field(1, ge=1, le=10_000)
-    lr: float | None = Field(None, gt=0, le=1)
-    warmup_steps: int = Field(50, ge=0, le=10**9)
-    decay_fraction: float = Field(0.2, ge=0, le=1)
-    aux_k: int | None = None
-    aux_coef: float = Field(1.0 / 32.0, ge=0, le=1000)
-    aux_loss: AuxLoss = TrainConfig.model_fields["aux_loss"].default  # "mse" (Bussmann) or "normalized" (Gao)
-    aux_tokens: int | None = Field(TrainConfig.model_fields["aux_tokens"].default, ge=1, le=1 << 20)  # see TrainConfig
-    encoder_init_norm: float = TrainConfig.model_fields["encoder_init_norm"].default  # see sae.config.TrainConfig
-    dead_tokens: int = Field(1_000_000, ge=1, le=10**12)  # the papers use 10M tokens; sweeps here are far shorter (paper.yaml sets 10M)
-    compute_dtype: ComputeDType = "auto"  # bf16 encoder matmuls where native (sae.train.native_bf16); fp32 elsewhere
-    report_every_steps: int = Field(10, ge=1, le=10**9)
-    checkpoint_every_steps: int = Field(50, ge=1, le=10**9)
+class TrainSpec(TrainSettings):
+    """The library's TrainSettings (each default and constraint lives there) plus how a trial feeds it."""
+
+    model_config = _Strict.model_config
+    batch_size: int = Field(4096, ge=1, le=1 << 20, description="tokens per step")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the harvested training tokens")
+    report_every_steps: int = Field(10, ge=1, le=10**9, description="steps between training metrics sent to Tune")
+    checkpoint_every_steps: int = Field(50, ge=1, le=10**9, description="steps between resumable checkpoints")
 
 
 class EvalSpec(_Strict):
@@ -289,17 +283,17 @@ class SweepSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def spec_hash(self) -> str:
-        """Fields added after sweeps had been run (ADDED_FIELDS) are left out while their value means what the spec
-        meant before they existed, so a sweep started before them still matches its spec on --resume."""
-        unset: dict[str, Any] = {}
+        """What --resume checks. Fields added after sweeps had been run are left out while their value means what
+        the spec meant before they existed (HASH_LAYOUT, ADDED_FIELDS), so an older sweep still matches its spec."""
+        dump = self.model_dump(mode="json")
         for dotted, as_before in ADDED_FIELDS.items():
             if as_before(self):
                 *parents, name = dotted.split(".")
-                where = unset
+                where = dump
                 for parent in parents:
-                    where = where.setdefault(parent, {})
-                where[name] = True
-        return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
+                    where = where[parent]
+                del where[name]
+        return hashlib.sha256(pydantic_core.to_json(_in_hash_layout(self, dump))).hexdigest()[:16]
 
     def corpus_options(self) -> CorpusOptions:
         """The library's CorpusOptions for these settings (sae.corpus owns the meaning of each)."""
@@ -330,13 +324,44 @@ class SweepSpec(_Strict):
         return sorted(g for g in gs if g > k_max or g in self.grid.n_latents)
 
     def train_config(self, point: dict[str, Any], device: str) -> TrainConfig:
-        t = self.train
-        return TrainConfig(
-            lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-            total_tokens=self.train_tokens * t.epochs, aux_k=t.aux_k, aux_coef=t.aux_coef, aux_loss=t.aux_loss,
-            dead_tokens=t.dead_tokens, seed=point["seed"], device=device, compute_dtype=t.compute_dtype,
-            encoder_init_norm=t.encoder_init_norm, aux_tokens=t.aux_tokens,
-        )
+        return TrainConfig.for_run(self.train, total_tokens=self.train_tokens * self.train.epochs,
+                                   seed=point["seed"], device=device)
+
+
+# The spec's fields when the hash was fixed, in order (section "" is the top level). The hash lists them in this
+# order; a field added since comes after them, and not at all while it holds its default, so a new setting (in a
+# library model the spec composes, say) leaves every older sweep's hash alone without being listed anywhere.
+HASH_LAYOUT: dict[str, tuple[str, ...]] = {
+    "": ("name", "experiment", "model", "revision", "site", "corpus", "corpus_split", "text_column", "label_column",
+         "text_unit", "corpus_field", "context_length", "train_tokens", "eval_tokens", "eval_fraction",
+         "activation_dtype", "device", "lm_dtype", "storage", "tracking_uri", "results_path", "harvest", "resources",
+         "grid", "train", "eval", "optuna"),
+    "harvest": ("num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "batch_size"),
+    "resources": ("cpus", "gpus", "max_concurrent", "pack", "memory_gb"),
+    "grid": ("n_latents", "k", "architecture", "partition", "seed"),
+    "train": ("batch_size", "epochs", "lr", "warmup_steps", "decay_fraction", "aux_k", "aux_coef", "aux_loss",
+              "aux_tokens", "encoder_init_norm", "dead_tokens", "compute_dtype", "report_every_steps",
+              "checkpoint_every_steps"),
+    "eval": ("granularities", "rules", "importance_tokens", "random_draws", "splice_contexts", "report_methods",
+             "splice_length", "splice_rules", "splice_dtype", "rsa_tokens", "probe_features", "probe_candidates",
+             "concentration_top", "random_seed"),
+    "optuna": ("study_name", "storage", "trials", "objective_granularity", "size_objective", "seed"),
+}
+
+
+def _in_hash_layout(model: BaseModel, dump: dict[str, Any], section: str = "") -> dict[str, Any]:
+    """`dump` (of `model`) with its keys in HASH_LAYOUT order, a field the layout lacks after them unless it holds
+    its default; sections alike."""
+    layout = HASH_LAYOUT.get(section, ())
+    fields = type(model).model_fields
+    later = [name for name in dump if name not in layout
+             and getattr(model, name) != fields[name].get_default(call_default_factory=True)]
+    out = {}
+    for name in [*(n for n in layout if n in dump), *later]:
+        value = getattr(model, name)
+        out[name] = _in_hash_layout(value, dump[name], name) if isinstance(value, BaseModel) and not section \
+            else dump[name]
+    return out
 
 
 # Fields added after sweeps had been run (SweepSpec.spec_hash), each with when its value means what the spec meant

@@ -7,9 +7,9 @@ Every check names the field and what would be valid, so a bad sweep spec fails b
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Architecture = Literal["topk", "batchtopk"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -81,31 +81,31 @@ class SAEConfig(BaseModel):
         return tuple(w / total for w in raw)
 
 
-class TrainConfig(BaseModel):
-    """How one SAE is trained (Gao et al. 2024; Bussmann et al. 2025 defaults).
+class TrainSettings(BaseModel):
+    """How SAEs are trained: the settings a sweep spec's `train:` section holds (it composes this model, so each
+    default and constraint lives here once). Defaults follow Gao et al. 2024 and Bussmann et al. 2025.
 
-    `lr=None` means 2e-4 / sqrt(n_latents / 2**14). The schedule is linear warm-up over `warmup_steps`, then
-    constant, then linear decay to zero over the last `decay_fraction` of `total_tokens` (no decay if unknown).
-    `compute_dtype` is the encoder matmul's dtype (weights stay fp32); "auto" picks bfloat16 where the device
-    runs bf16 matmuls natively (sae.train.native_bf16) and float32 elsewhere.
-    AuxK reconstructs the main residual r = x - x_hat from the top `aux_k` latents among those that have not fired
-    for `dead_tokens` tokens (e_hat), and adds `aux_coef` times one of (`aux_loss`):
+    The schedule is linear warm-up over `warmup_steps`, then constant, then linear decay to zero over the last
+    `decay_fraction` of the run's tokens. AuxK reconstructs the main residual r = x - x_hat from the top `aux_k`
+    latents among those that have not fired for `dead_tokens` tokens (e_hat), and adds `aux_coef` times one of
+    (`aux_loss`):
       "mse"        aux = mean((e_hat - r)^2)                             (Bussmann et al.: plain per-element MSE)
       "normalized" aux = mean((e_hat - r)^2) / mean((r - mean_batch(r))^2)   (Gao et al.'s code: scale-free, so the
                    same aux_coef = 1/32 weighs AuxK far more once the main residual is small)
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    lr: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 6.25e-10
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2
-    total_tokens: int | None = None
-    aux_k: int | None = None
-    aux_coef: float = 1.0 / 32.0
-    aux_loss: AuxLoss = "mse"
+    lr: float | None = Field(None, gt=0, le=1, description="Adam's step; null: 2e-4 / sqrt(n_latents / 2^14)")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), strict=False, description="Adam's betas")
+    eps: float = Field(6.25e-10, gt=0, description="Adam's epsilon")
+    warmup_steps: int = Field(100, ge=0, le=10**9, description="steps of linear learning-rate warm-up")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="share of the run's tokens over which the learning "
+                                                               "rate decays linearly to zero (1: the whole run)")
+    aux_k: int | None = Field(None, ge=1, description="latents AuxK reconstructs from; null: min(d_in // 2, 512)")
+    aux_coef: float = Field(1.0 / 32.0, ge=0, le=1000, description="weight of the AuxK loss")
+    aux_loss: AuxLoss = Field("mse", description="mse (Bussmann et al.) or normalized (Gao et al.'s code)")
     # AuxK's dense matmuls over the dead columns cost about as much as the main step's encoder once a quarter of
     # the latents are dead. Its loss is a mean over tokens, so a rotating window of `aux_tokens` rows of each
     # batch estimates the same gradient at a fraction of the cost (null: every token of the batch). Measured
@@ -113,52 +113,20 @@ class TrainConfig(BaseModel):
     # without, 0.61 -> 0.85 (fp32) and 0.61 -> 0.83 (bf16); on SmolLM2 resid_post.15 (409,600 tokens,
     # dead_tokens=4096 so AuxK runs every step on ~3% dead) eval FVU 0.38763 (whole batch) vs 0.38752 and mean
     # dead fraction 0.0311 vs 0.0312.
-    aux_tokens: int | None = 1024
-    dead_tokens: int = 10_000_000
-    threshold_momentum: float = 0.99
-    geometric_median_samples: int = 4096
+    aux_tokens: int | None = Field(1024, ge=1, le=1 << 20, description="rows of each batch AuxK sees, a moving "
+                                                                       "window; null: the whole batch")
+    dead_tokens: int = Field(10_000_000, ge=1, le=10**12, description="tokens without firing after which a latent "
+                                                                      "counts as dead (the papers: 10M)")
+    threshold_momentum: float = Field(0.99, gt=0, lt=1, description="BatchTopK's running inference threshold")
+    geometric_median_samples: int = Field(4096, ge=1, description="tokens whose geometric median initialises b_dec")
     # Each latent's encoder vector starts as encoder_init_norm x its (unit) decoder row. Measured on SmolLM2
     # resid_post.15 (benchmarks/train_quality.py, n=4608, k=32, 409,600 tokens, seed 0), eval FVU against a dense
     # reference trainer: 1.053x at 1.0 (the tied unit init), 0.879x at 0.577, 0.867x at 0.3, 0.871x at 0.1.
-    encoder_init_norm: float = 0.3
-    seed: int = 0
-    device: str = "cpu"
-    dtype: DType = "float32"
-    compute_dtype: ComputeDType = "float32"
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite positive number (or null for the default), got {self.lr}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must each lie in [0, 1), got {self.betas}")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must lie in [0, 1] (1: decay over the whole run), got {self.decay_fraction}")
-        if self.total_tokens is not None and self.total_tokens <= 0:
-            raise ValueError(f"total_tokens must be positive (or null), got {self.total_tokens}")
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k must be a positive integer (or null for min(d_in // 2, 512)), got {self.aux_k}")
-        if self.aux_coef < 0:
-            raise ValueError(f"aux_coef must be >= 0, got {self.aux_coef}")
-        if self.aux_tokens is not None and self.aux_tokens <= 0:
-            raise ValueError(f"aux_tokens must be a positive token count (or null for the whole batch), got {self.aux_tokens}")
-        if self.dead_tokens <= 0:
-            raise ValueError(f"dead_tokens must be a positive token count, got {self.dead_tokens}")
-        if not 0.0 < self.threshold_momentum < 1.0:
-            raise ValueError(f"threshold_momentum must lie in (0, 1), got {self.threshold_momentum}")
-        if not (math.isfinite(self.encoder_init_norm) and self.encoder_init_norm > 0):
-            raise ValueError(f"encoder_init_norm must be a finite positive number, got {self.encoder_init_norm}")
-        if self.geometric_median_samples <= 0:
-            raise ValueError(f"geometric_median_samples must be positive, got {self.geometric_median_samples}")
-        if not (self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
-        if self.dtype != "float32":
-            raise ValueError(f"dtype (the master weights) must be 'float32', got {self.dtype!r}; use compute_dtype for bf16")
-        return self
+    encoder_init_norm: float = Field(0.3, gt=0, description="each encoder vector's initial norm, a multiple of its "
+                                                            "unit decoder row")
+    compute_dtype: ComputeDType = Field("auto", description="the encoder matmuls' dtype (weights stay float32); "
+                                                            "auto: bfloat16 where the device runs it natively "
+                                                            "(sae.train.native_bf16), else float32")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
@@ -166,3 +134,25 @@ class TrainConfig(BaseModel):
     def aux_k_for(self, d_in: int, n_latents: int) -> int:
         k = self.aux_k if self.aux_k is not None else min(d_in // 2, 512)
         return max(1, min(k, n_latents))
+
+
+class TrainConfig(TrainSettings):
+    """One SAE's training run: the settings plus what the run fixes (its length, seed and device)."""
+
+    total_tokens: int | None = Field(None, ge=1, description="the run's length, for the decay; null: no decay")
+    seed: int = Field(0, description="seeds the initialisation (the batches' order is the caller's)")
+    device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or mps")
+    dtype: DType = Field("float32", description="the master weights: float32 (bf16 compute is compute_dtype)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _float32_master_weights(cls, v: str) -> str:
+        if v != "float32":
+            raise ValueError(f"the master weights stay float32, got {v!r}; set compute_dtype for bf16 compute")
+        return v
+
+    @classmethod
+    def for_run(cls, settings: TrainSettings, *, total_tokens: int | None, seed: int, device: str) -> TrainConfig:
+        """A run of `settings` (e.g. a sweep spec's `train:` section, which holds more than the settings)."""
+        return cls(**{name: getattr(settings, name) for name in TrainSettings.model_fields},
+                   total_tokens=total_tokens, seed=seed, device=device)
