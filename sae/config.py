@@ -103,6 +103,8 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(100, ge=0, le=10**9, description="steps of linear learning-rate warm-up")
     decay_fraction: float = Field(0.2, ge=0, le=1, description="share of the run's tokens over which the learning "
                                                                "rate decays linearly to zero (1: the whole run)")
+    lr_end: float = Field(0.0, ge=0, le=1, description="where the decay ends, as a fraction of lr (0: at zero; "
+                                                       "SAELens-style runs often end at 0.1)")
     aux_k: int | None = Field(None, ge=1, description="latents AuxK reconstructs from; null: min(d_in // 2, 512)")
     aux_coef: float = Field(1.0 / 32.0, ge=0, le=1000, description="weight of the AuxK loss")
     aux_loss: AuxLoss = Field("mse", description="mse (Bussmann et al.) or normalized (Gao et al.'s code)")

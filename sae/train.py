@@ -128,14 +128,15 @@ class _Member:
         self._idle_key = self._counter_key()
 
     def lr_at(self, step: int, tokens_seen: int) -> float:
-        """Linear warm-up over warmup_steps, then constant, then linear decay over the last decay_fraction."""
+        """Linear warm-up over warmup_steps, then constant, then linear decay over the last decay_fraction down to
+        lr_end x lr."""
         tc = self.train_cfg
         factor = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
         if tc.total_tokens is not None and tc.decay_fraction > 0:
             span = tc.decay_fraction * tc.total_tokens
             start = tc.total_tokens - span
             if tokens_seen > start:
-                factor *= max(0.0, (tc.total_tokens - tokens_seen) / span)
+                factor *= tc.lr_end + (1.0 - tc.lr_end) * max(0.0, (tc.total_tokens - tokens_seen) / span)
         return self.base_lr * factor
 
     def finished(self, tokens_seen: int) -> bool:

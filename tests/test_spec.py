@@ -231,9 +231,11 @@ def test_the_train_section_is_the_librarys_settings():
         assert TrainSpec.model_fields[name].default == field.default, name
         assert field.description, f"TrainSettings.{name} has no description"
     assert all(f.description for f in TrainSpec.model_fields.values())
-    spec = spec_from_dict(smoke_dict(train={"eps": 1e-8, "betas": [0.9, 0.95], "threshold_momentum": 0.9}))
+    spec = spec_from_dict(smoke_dict(train={"eps": 1e-8, "betas": [0.9, 0.95], "threshold_momentum": 0.9,
+                                            "lr_end": 0.1}))
     run = spec.train_config(spec.trial_points()[0], "cpu")
-    assert isinstance(run, TrainConfig) and (run.eps, run.betas, run.threshold_momentum) == (1e-8, (0.9, 0.95), 0.9)
+    assert isinstance(run, TrainConfig)
+    assert (run.eps, run.betas, run.threshold_momentum, run.lr_end) == (1e-8, (0.9, 0.95), 0.9, 0.1)
     assert run.total_tokens == spec.train_tokens * spec.train.epochs and run.seed == spec.trial_points()[0]["seed"]
     with pytest.raises(SpecError, match="train.eps: Input should be greater than 0"):
         spec_from_dict(smoke_dict(train={"eps": 0.0}))
@@ -242,12 +244,13 @@ def test_the_train_section_is_the_librarys_settings():
 
 
 def test_a_setting_added_since_the_hash_was_fixed_leaves_old_hashes_alone():
-    """betas, eps, threshold_momentum and geometric_median_samples reached the spec after its hash was fixed
+    """betas, eps, threshold_momentum, geometric_median_samples and lr_end reached the spec after its hash was fixed
     (HASH_LAYOUT lacks them): at their defaults they leave the default spec's hash as it was, set to anything
     else they change it."""
     spec = load_spec("default")
     assert spec.spec_hash() == DEFAULT_SPEC_HASH
     train = spec.train.model_dump()
     assert load_spec("default", {"train": {**train, "eps": train["eps"]}}).spec_hash() == DEFAULT_SPEC_HASH
-    for name, value in (("eps", 1e-8), ("threshold_momentum", 0.9), ("geometric_median_samples", 1024)):
+    for name, value in (("eps", 1e-8), ("threshold_momentum", 0.9), ("geometric_median_samples", 1024),
+                        ("lr_end", 0.1)):
         assert load_spec("default", {"train": {**train, name: value}}).spec_hash() != DEFAULT_SPEC_HASH, name

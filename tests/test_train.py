@@ -203,6 +203,9 @@ def test_lr_schedule_warmup_and_decay(planted):
     assert lrs[4:11] == pytest.approx([1e-3] * 7)
     assert lrs[11:] == pytest.approx([1e-3 * (20 - s) / 10 for s in range(11, 20)])
     assert trainer.train_step(planted.x[:64]) == [{}]  # total_tokens reached: nothing more to train
+    ends_at = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), tc.model_copy(update={"lr_end": 0.1}))])
+    tail = [ends_at.train_step(b)[0]["lr"] for b in batches(planted.x[: 64 * 20], 64)][11:]
+    assert tail == pytest.approx([1e-3 * (0.1 + 0.9 * (20 - s) / 10) for s in range(11, 20)])
     default = Trainer([(SAEConfig(d_in=32, n_latents=2**16, k=4), TrainConfig(warmup_steps=0))])
     assert default._members[0].base_lr == pytest.approx(1e-4)
 
