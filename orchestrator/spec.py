@@ -21,11 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sae.config import ComputeDType, SAEConfig, TrainConfig, TrainSettings
 from sae.corpus import CorpusOptions, TextUnit, default_label_column
-from sae.evaluate import PRIMARY_RULE, EvalOptions
+from sae.evaluate import PRIMARY_RULE, EvalOptions, EvalSettings
 from sae.lm import site_from_name
 from sae.matryoshka import partition_label, resolve_partition
 from sae.messages import name_list
-from sae.prune import RULES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
@@ -101,49 +100,32 @@ class TrainSpec(TrainSettings):
     checkpoint_every_steps: int = Field(50, ge=1, le=10**9, description="steps between resumable checkpoints")
 
 
-class EvalSpec(_Strict):
-    """How reduced SAEs are scored (docs/science.md, "Evaluation protocol"); defaults are the protocol's minimums."""
+class EvalSpec(EvalSettings):
+    """The library's EvalSettings (each default and constraint lives there) plus where a trial gets its G, its
+    ranking sample and its splice contexts."""
 
-    granularities: list[int] | None = None
-    rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: list(RULES), min_length=1)
+    model_config = _Strict.model_config
+    granularities: list[int] | None = Field(None, description="the G of every curve; null: powers of two above the "
+                                                              "largest k, every partition boundary and every n")
     importance_tokens: int = Field(32768, ge=256, le=10**8, description="train tokens that rank latents (never eval tokens)")
-    random_draws: int = Field(5, ge=1, le=1000, description="seeded random subsets per G (mean and sd are logged)")
     splice_contexts: int = Field(64, ge=1, le=10**6, description="eval contexts spliced for the CE/KL scores")
-    report_methods: list[Literal["prefix", "prune_ez2", "prune_freq", "prune_random"]] | None = Field(
-        None, description="methods that also get RSA, CKA, proxies and the LM splice; null: each SAE's own "
-                          "progressive code (prefix for Matryoshka, prune_ez2 for vanilla)")
     splice_length: int | None = Field(None, ge=2, description="tokens per spliced context (BOS included); "
                                                               "null: the whole context")
-    splice_rules: list[Literal["masked", "reselect"]] = Field(default_factory=lambda: ["masked"])
     splice_dtype: ComputeDType = Field(
         "auto", description="the LM's dtype in the CE/KL splice, its clean pass included (the harvest keeps "
                             "lm_dtype); auto: bfloat16 where the device runs it natively (sae.train.native_bf16), "
                             "else float32. docs/science.md gives what bf16 changes")
-    rsa_tokens: int = Field(2048, ge=16, le=16384, description="RSA compares all pairs: O(n^2) memory")
-    probe_features: int = Field(8, ge=1, le=4096)
-    probe_candidates: int = Field(64, ge=1, le=1 << 20, description="candidate latents per probe, the same for every group")
-    concentration_top: int = Field(32, ge=2, le=10**6)
-    random_seed: int = 0
 
     @model_validator(mode="after")
-    def _check_rules(self) -> EvalSpec:
+    def _primary_rule_is_scored(self) -> EvalSpec:
         if PRIMARY_RULE not in self.rules:
             raise ValueError(f"eval.rules must include {PRIMARY_RULE!r}, the primary rule the frontier, the undertrained "
-                             f"gate and the report read; got {self.rules}")
-        missing = [r for r in self.splice_rules if r not in self.rules]
-        if missing:
-            raise ValueError(f"eval.splice_rules {missing} must also be in eval.rules {self.rules}; add them there")
+                             f"gate and the report read; got {list(self.rules)}")
         return self
 
     def options(self, granularities: list[int]) -> EvalOptions:
-        """The library's EvalOptions for these settings (sae.evaluate owns the meaning of each)."""
-        return EvalOptions(
-            granularities=granularities, rules=tuple(self.rules), rsa_tokens=self.rsa_tokens,
-            random_draws=self.random_draws,
-            report_methods=tuple(self.report_methods) if self.report_methods is not None else None,
-            splice_rules=tuple(self.splice_rules), probe_features=self.probe_features,
-            probe_candidates=self.probe_candidates, concentration_top=self.concentration_top, seed=self.random_seed,
-        )
+        """The library's EvalOptions for these settings at these G."""
+        return EvalOptions.for_run(self, granularities)
 
 
 class OptunaSpec(_Strict):

@@ -24,14 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
-from sae.interp import encode_all, firing_frequency, group_latents, proxy_report, token_concentration
+from sae.interp import concat_codes, firing_frequency, group_latents, proxy_report, token_concentration
 from sae.metrics import ReconstructionAccumulator, RSAReference, batch_moments, linear_cka_from_grams
-from sae.model import evaluating
+from sae.model import evaluating, sparse_decode
 from sae.prune import RULES, nested_reselect_codes, order_latents, reduced_code
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
@@ -84,28 +86,50 @@ class EvalData:
         return list(self.acts.split(self.batch_size))
 
 
-@dataclass
-class EvalOptions:
-    granularities: Sequence[int]
-    rules: Sequence[str] = RULES
-    rsa_tokens: int = 2048
-    random_draws: int = 5
-    report_methods: Sequence[str] | None = None  # None: the SAE's own progressive code (principal_method)
-    splice_rules: Sequence[str] = (PRIMARY_RULE,)
-    probe_features: int = 8
-    probe_candidates: int = 64
-    concentration_top: int = 32
-    seed: int = 0
+Rule = Literal["masked", "reselect"]
+Method = Literal["prefix", "prune_ez2", "prune_freq", "prune_random"]
 
-    def __post_init__(self) -> None:
-        bad = [r for r in self.rules if r not in RULES]
-        if bad or not self.rules:
-            raise ValueError(f"rules must be a non-empty subset of {list(RULES)}, got {list(self.rules)}")
-        if self.random_draws < 1:
-            raise ValueError(f"random_draws must be >= 1, got {self.random_draws}")
-        if self.rsa_tokens < 3:
-            raise ValueError(f"rsa_tokens must be >= 3, got {self.rsa_tokens}")
 
+class EvalSettings(BaseModel):
+    """How reduced SAEs are scored (docs/science.md, "Evaluation protocol"); defaults are the protocol's minimums.
+    A sweep spec's `eval:` section composes this model, so each default and constraint lives here once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    rules: tuple[Rule, ...] = Field(RULES, min_length=1, strict=False,
+                                    description="scoring rules of every reduced SAE (masked, reselect)")
+    random_draws: int = Field(5, ge=1, le=1000, description="seeded random subsets per G (mean and sd are logged)")
+    report_methods: tuple[Method, ...] | None = Field(
+        None, strict=False, description="methods that also get RSA, CKA, proxies and the LM splice; null: each "
+                                        "SAE's own progressive code (prefix for Matryoshka, prune_ez2 for vanilla)")
+    splice_rules: tuple[Rule, ...] = Field((PRIMARY_RULE,), strict=False,
+                                           description="rules whose reduced SAEs the LM splice scores")
+    rsa_tokens: int = Field(2048, ge=16, le=16384, description="RSA compares all pairs: O(n^2) memory")
+    probe_features: int = Field(8, ge=1, le=4096, description="latents each sparse probe may use")
+    probe_candidates: int = Field(64, ge=1, le=1 << 20, description="candidate latents per probe, the same for "
+                                                                    "every group")
+    concentration_top: int = Field(32, ge=2, le=10**6, description="top activations per latent for token "
+                                                                   "concentration")
+    random_seed: int = Field(0, description="seeds the random subsets, the RSA sample and the probes")
+
+    @model_validator(mode="after")
+    def _splice_rules_are_scored(self) -> EvalSettings:
+        missing = [r for r in self.splice_rules if r not in self.rules]
+        if missing:
+            raise ValueError(f"splice_rules {list(missing)} must also be in rules {list(self.rules)}; add them there")
+        return self
+
+
+class EvalOptions(EvalSettings):
+    """One evaluation: the settings plus the G every curve is scored at."""
+
+    granularities: tuple[int, ...] = Field(strict=False, description="the G of every curve")
+
+    @classmethod
+    def for_run(cls, settings: EvalSettings, granularities: Sequence[int]) -> EvalOptions:
+        """An evaluation of `settings` (e.g. a sweep spec's `eval:` section, which holds more than the settings)."""
+        return cls(**{name: getattr(settings, name) for name in EvalSettings.model_fields},
+                   granularities=tuple(granularities))
 
     def detailed_methods(self, is_matryoshka: bool) -> tuple[str, ...]:
         """Methods that get RSA, CKA, proxies and the LM splice."""
@@ -173,7 +197,7 @@ def reduced_saes(sae, ranking: LatentStats, opts: EvalOptions) -> list[_Reduced]
         gs_prefix = []
         orders["prune_ez2"] = [order_latents(ranking, "ez2")]
         orders["prune_freq"] = [order_latents(ranking, "freq")]
-        orders["prune_random"] = [order_latents(n, "random", seed=opts.seed + d) for d in range(opts.random_draws)]
+        orders["prune_random"] = [order_latents(n, "random", seed=opts.random_seed + d) for d in range(opts.random_draws)]
     out = []
     device = sae.W_enc.device
     for method, draws in orders.items():
@@ -224,11 +248,14 @@ def _reconstructor(sae, r: _Reduced | None) -> Callable[[Tensor], Tensor]:
 
 
 @torch.no_grad()
-def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) -> dict[str, float]:
+def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
+               ) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
     """One pass over the eval set: FVU, MSE, L0, dead for the full SAE and every reduced SAE, CKA and RSA for the
-    full SAE and the detailed methods (`EvalOptions.detailed_methods`)."""
+    full SAE and the detailed methods (`EvalOptions.detailed_methods`). Also returns the full SAE's code of every
+    eval token (values, indices on the CPU), which the proxies read instead of encoding the eval set again."""
     device = sae.W_enc.device
     n, d = sae.cfg.n_latents, sae.cfg.d_in
+    to_raw = 1.0 / sae.cfg.input_scale
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
     full = _Reduced("full", n, "-", None, fired=torch.zeros(n, dtype=torch.bool, device=device))
     # CKA's sums are taken about the eval mean: they stay of the order of the covariance, so float32 matmuls lose
@@ -243,9 +270,13 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, d, dtype=torch.float64, device=device),
                        torch.zeros(d, dtype=torch.float64, device=device)]
+    all_vals, all_idx = [], []
     for x in data.batches():
         x = x.to(device).float()
-        pre, vals, idx = _encode_full(sae, x)
+        xc_n, pre = sae.pre_activations(sae.normalise(x))  # xc_n: normalised x minus b_dec
+        vals, idx = sae.select(pre)
+        all_vals.append(vals.float().cpu())
+        all_idx.append(idx.cpu())
         moments = batch_moments(x)  # x's side of every reconstruction metric, once per batch
         xc = x - shift
         gram_x += (xc.T @ xc).double()
@@ -255,20 +286,23 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
                                     strict=True)}
         for r in items:
             v, i = codes[id(r)] if id(r) in codes else _code(sae, r, pre, vals, idx)
-            x_hat = sae.decode(v, i).float()
-            r.acc.update(x, x_hat, v, moments=moments)
-            r.fired[i[v > 0]] = True
+            partial = sparse_decode(v, i, sae.W_dec)  # the reconstruction in normalised units, minus b_dec
+            r.acc.update_residual(xc_n - partial, v, moments=moments, to_raw=to_raw)
+            if r.rule != "masked":  # a masked code fires where the full one does, on its kept latents (below)
+                r.fired[i[v > 0]] = True
             if r.grams is not None:
-                xhc = x_hat - shift
+                xhc = (partial + sae.b_dec).float() * to_raw - shift
                 r.grams[0] += (xhc.T @ xhc).double()
                 r.grams[1] += (xhc.T @ xc).double()
                 r.grams[2] += xhc.sum(0, dtype=torch.float64)
     n_tok = data.acts.shape[0]
-    sample = _sample(n_tok, opts.rsa_tokens, opts.seed)
+    sample = _sample(n_tok, opts.rsa_tokens, opts.random_seed)
     x_s = data.acts[sample].to(device).float()
     pre_s, vals_s, idx_s = _encode_full(sae, x_s)
-    rsa = RSAReference(x_s, n_tokens=opts.rsa_tokens, seed=opts.seed)  # x's distances ranked once, not per SAE
+    rsa = RSAReference(x_s, n_tokens=opts.rsa_tokens, seed=opts.random_seed)  # x's distances ranked once, not per SAE
     for r in items:
+        if r.rule == "masked" and r.mask is not None:
+            r.fired = full.fired & r.mask
         m = r.acc.result()
         del m["tokens"]
         m["dead_fraction"] = 1.0 - float(r.fired.sum()) / r.g
@@ -278,7 +312,7 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions) 
             m["cka"] = linear_cka_from_grams(gram_x, sum_x, r.grams[0], r.grams[1], r.grams[2], n_tok)
             r.grams = None
         r.metrics = m
-    return full.metrics
+    return full.metrics, concat_codes(all_vals, all_idx)
 
 
 def _splice(sae, reduced: list[_Reduced], opts: EvalOptions, scorer: Scorer, full: dict[str, float],
@@ -297,10 +331,11 @@ def _splice(sae, reduced: list[_Reduced], opts: EvalOptions, scorer: Scorer, ful
         progress(f"spliced {len(targets)} reconstructions into the LM")
 
 
-def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, report: EvalReport) -> None:
+def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, report: EvalReport,
+             codes: tuple[Tensor, Tensor]) -> None:
     """Interpretability proxies of masked reduced SAEs (their codes are the full code restricted to the kept
-    latents) and of each Matryoshka group, all from one encoding of the eval set."""
-    vals, idx = encode_all(sae, data.batches())
+    latents) and of each Matryoshka group, all from the full SAE's code of the eval set (`codes`)."""
+    vals, idx = codes
     n = sae.cfg.n_latents
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
     freq = firing_frequency(vals, idx, n)
@@ -309,7 +344,7 @@ def _proxies(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions, re
     def proxy(latents: Tensor) -> dict[str, float]:
         return proxy_report(vals, idx, data.token_ids, n, latents=latents.cpu(), freq=freq, labels=data.labels,
                             doc_ids=data.doc_ids, top=opts.concentration_top, k_features=opts.probe_features,
-                            candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.seed,
+                            candidates=opts.probe_candidates, random_draws=opts.random_draws, seed=opts.random_seed,
                             conc=conc)
 
     for r in reduced:
@@ -407,14 +442,14 @@ def evaluate_progressive(sae, data: EvalData, opts: EvalOptions, scorer: Scorer 
             report.fit, report.power_law = fit, fit.as_dict()
             report.final.update({f"power_law/{k}": float(v) for k, v in report.power_law.items() if _numeric(v)})
         reduced = reduced_saes(sae, ranking, opts)
-        full = _score_all(sae, data, reduced, opts)
+        full, codes = _score_all(sae, data, reduced, opts)
         if progress:
             progress(f"scored {len(reduced)} reduced SAEs ({', '.join(opts.rules)}): full fvu={full['fvu']:.4f}")
         if scorer is not None:
             _splice(sae, reduced, opts, scorer, full, progress)
         report.final.update(full)
         _log_curves(sae, reduced, full, report)
-        _proxies(sae, data, reduced, opts, report)
+        _proxies(sae, data, reduced, opts, report, codes)
         _spectrum(sae, ranking, report)
         monotone = monotone_fvu(report, principal_method(sae.cfg.is_matryoshka))
         report.final["monotone_fvu"] = float("nan") if monotone is None else float(monotone)

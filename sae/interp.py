@@ -65,7 +65,13 @@ def encode_all(sae, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
             idxs.append(i.cpu())
     if not vals:
         raise ValueError("encode_all got no batches")
-    width = max(v.shape[1] for v in vals)  # BatchTopK's threshold rule gives a varying width: pad with zeros
+    return concat_codes(vals, idxs)
+
+
+def concat_codes(vals: Sequence[Tensor], idxs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-batch sparse codes as one (values [N, w], indices [N, w]): BatchTopK's threshold rule gives each batch
+    its own width, so narrower ones are padded with zeros (inactive)."""
+    width = max(v.shape[1] for v in vals)
     vals = [F.pad(v, (0, width - v.shape[1])) for v in vals]
     idxs = [F.pad(i, (0, width - i.shape[1])) for i in idxs]
     return torch.cat(vals), torch.cat(idxs)

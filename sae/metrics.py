@@ -94,8 +94,15 @@ class ReconstructionAccumulator:
         if x.shape != x_hat.shape:
             raise ValueError(f"x and x_hat must have the same shape, got {list(x.shape)} and {list(x_hat.shape)}")
         moments = moments if moments is not None else batch_moments(x)
-        x_flat, xh_flat = moments.x, x_hat.reshape(moments.x.shape)
-        b, d = x_flat.shape
+        self.update_residual(torch.sub(moments.x, x_hat.reshape(moments.x.shape)), values, moments=moments)
+
+    def update_residual(self, residual: Tensor, values: Tensor | None = None, *, moments: BatchMoments,
+                        to_raw: float = 1.0) -> None:
+        """Add one batch from its residual x - x_hat [B, d] (what an SAE that reconstructs in its own normalised
+        units has at hand: then `to_raw` = 1 / input_scale) and the batch's `moments` of the raw x."""
+        b, d = moments.x.shape
+        if residual.shape != moments.x.shape:
+            raise ValueError(f"residual must have x's shape {[b, d]}, got {list(residual.shape)}")
         if b == 0:
             return
         if self._d is not None and d != self._d:
@@ -112,7 +119,7 @@ class ReconstructionAccumulator:
             self._mean = self._mean + delta * (b / n)
         self.tokens += b
         # each error in the inputs' precision (one rounding per element, no drift), their sum in float64
-        self._sq_err += float(torch.sub(x_flat, xh_flat).pow_(2).sum(dtype=torch.float64))
+        self._sq_err += float(residual.pow(2).sum(dtype=torch.float64)) * to_raw**2
         if values is None:
             self._has_l0 = False
         else:

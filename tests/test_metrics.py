@@ -60,6 +60,13 @@ def test_accumulator_equals_one_shot():
     for s in range(0, 257, 50):
         single.update(x[s : s + 50].float(), x_hat[s : s + 50].float(), values[s : s + 50])
     assert single.result()["fvu"] == pytest.approx(r["fvu"], rel=1e-7)
+    scaled = ReconstructionAccumulator()  # from residuals in units 4x the raw ones (an SAE's normalised space)
+    for s in range(0, 257, 50):
+        residual = 4.0 * (x[s : s + 50] - x_hat[s : s + 50])
+        scaled.update_residual(residual, values[s : s + 50], moments=batch_moments(x[s : s + 50]), to_raw=0.25)
+    assert scaled.result() == pytest.approx(r, rel=1e-12)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        scaled.update_residual(residual[:, :-1], moments=batch_moments(x[:50]))
     acc2 = ReconstructionAccumulator()
     acc2.update(x, x_hat)
     assert math.isnan(acc2.result()["l0"])

@@ -54,7 +54,7 @@ def test_paper_spec_is_the_papers_grid():
         ({"grid": {"partition": ["uniform:1"]}}, "single group is a vanilla SAE"),
         ({"eval": {"granularities": [16, 32]}}, "optuna.objective_granularity"),
         ({"eval": {"rules": ["reselect"], "splice_rules": ["reselect"]}}, "eval.rules must include 'masked'"),
-        ({"eval": {"splice_rules": ["reselect"], "rules": ["masked"]}}, "eval.splice_rules"),
+        ({"eval": {"splice_rules": ["reselect"], "rules": ["masked"]}}, "eval: splice_rules"),
         # a Matryoshka SAE has no prefix at a G inside one of its groups, so Optuna could not score it there
         ({"grid": {"n_latents": [128, 256], "k": [8], "partition": [None, "uniform:4"]},
           "optuna": {"objective_granularity": 96}, "eval": {"granularities": [96, 128]}}, "not a group boundary"),
@@ -254,3 +254,21 @@ def test_a_setting_added_since_the_hash_was_fixed_leaves_old_hashes_alone():
     for name, value in (("eps", 1e-8), ("threshold_momentum", 0.9), ("geometric_median_samples", 1024),
                         ("lr_end", 0.1)):
         assert load_spec("default", {"train": {**train, name: value}}).spec_hash() != DEFAULT_SPEC_HASH, name
+
+
+def test_the_eval_section_is_the_librarys_settings():
+    """The spec's eval: section composes sae.evaluate.EvalSettings: the same defaults and descriptions, and the
+    trial's EvalOptions carry what the spec says plus the G."""
+    from orchestrator.spec import EvalSpec
+    from sae.evaluate import EvalOptions, EvalSettings
+
+    for name, field in EvalSettings.model_fields.items():
+        assert EvalSpec.model_fields[name].default == field.default, name
+        assert field.description, f"EvalSettings.{name} has no description"
+    assert all(f.description for f in EvalSpec.model_fields.values())
+    spec = spec_from_dict(smoke_dict(eval={"rules": ["masked"], "random_draws": 7, "random_seed": 3}))
+    opts = spec.eval.options(spec.granularities())
+    assert isinstance(opts, EvalOptions) and opts.granularities == tuple(spec.granularities())
+    assert (opts.rules, opts.random_draws, opts.random_seed) == (("masked",), 7, 3)
+    with pytest.raises(SpecError, match="eval.random_draws: Input should be greater than or equal to 1"):
+        spec_from_dict(smoke_dict(eval={"random_draws": 0}))
