@@ -29,14 +29,12 @@ come from the full SAE. With codes of a standalone reduced SAE, compare with the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from sae.model import evaluating
 
 Codes = Tensor | tuple[Tensor, Tensor]
 
@@ -52,22 +50,6 @@ class ProbeDataError(ValueError):
 
 
 @torch.no_grad()
-def encode_all(sae, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-    """Sparse codes (values [N, w], indices [N, w]) of every token, on CPU, in eval mode; zero value = inactive."""
-    if isinstance(batches, Tensor):
-        batches = [batches]
-    vals, idxs = [], []
-    with evaluating(sae):
-        dev = sae.W_enc.device
-        for x in batches:
-            v, i = sae.encode(x.reshape(-1, x.shape[-1]).to(dev))
-            vals.append(v.float().cpu())
-            idxs.append(i.cpu())
-    if not vals:
-        raise ValueError("encode_all got no batches")
-    return concat_codes(vals, idxs)
-
-
 def concat_codes(vals: Sequence[Tensor], idxs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-batch sparse codes as one (values [N, w], indices [N, w]): BatchTopK's threshold rule gives each batch
     its own width, so narrower ones are padded with zeros (inactive)."""
