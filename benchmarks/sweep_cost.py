@@ -2,14 +2,16 @@
 
     python benchmarks/sweep_cost.py [--spec default] [--skip-packed]
 
-Runs the spec's grid twice through the real sweep driver (Ray Tune, MLflow on a throwaway SQLite store, the
-spec's shard store, so a warm store costs no harvest), in the same run:
-  1. as the spec says (its resources.pack; the default spec: one point per trial, `max_concurrent` at a time);
-  2. packed: every point of a seed in one trial with all the CPUs (cpus x max_concurrent) and max_concurrent 1,
-     so both runs get the same cores.
-Prints per-trial training and evaluation seconds, eval_to_train (sum of evaluation / sum of training seconds, of
-run 1), packed_speedup (trials wall time of run 1 / run 2) and the packed trial's peak memory against the
-estimate the sweep printed before it started (peak_vs_estimate; orchestrator/packing.py).
+Runs the spec's grid through the real sweep driver (Ray Tune, MLflow on a throwaway SQLite store, the spec's
+shard store, so a warm store costs no harvest), up to three times in the same run:
+  1. as the spec says (the default spec: two points per trial, two single-threaded trials at a time);
+  2. unpacked: one point per trial, otherwise the same (skipped when the spec does not pack);
+  3. packed: every point of a seed in one trial with all the CPUs (cpus x max_concurrent) and max_concurrent 1,
+     so runs 2 and 3 get the same cores.
+Prints per-trial training and evaluation seconds; eval_to_train (sum of evaluation / sum of training seconds) of
+run 1, and of run 2 as eval_to_train_unpacked; spec_speedup (trials wall time of run 2 / run 1) and
+packed_speedup (run 2 / run 3); and the packed trial's peak memory against the estimate the sweep printed before
+it started (peak_vs_estimate; orchestrator/packing.py).
 """
 
 from __future__ import annotations
@@ -44,27 +46,35 @@ def run(spec_name: str, overrides: dict, label: str):
     return spec, outcome
 
 
+def eval_to_train(outcome) -> float:
+    t = outcome.timings
+    return float(t.eval_seconds.sum()) / float(t.train_seconds.sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default="default", help="spec name or YAML path (default: default)")
-    p.add_argument("--skip-packed", action="store_true", help="time the spec as it is only (no packed_speedup)")
+    p.add_argument("--skip-packed", action="store_true", help="time the spec as it is only")
     args = p.parse_args(argv)
     spec, base = run(args.spec, {}, "as specified")
     t = base.timings
-    train, evals = float(t.train_seconds.sum()), float(t.eval_seconds.sum())
     print(f"harvest_seconds {base.harvest_seconds:.1f}")
-    print(f"train_seconds_per_trial {train / len(t):.1f}")
-    print(f"eval_seconds_per_trial {evals / len(t):.1f}")
-    print(f"eval_to_train {evals / train:.3f}")
+    print(f"train_seconds_per_point {t.train_seconds.mean():.1f}")
+    print(f"eval_seconds_per_point {t.eval_seconds.mean():.1f}")
+    print(f"eval_to_train {eval_to_train(base):.3f}")
     if args.skip_packed:
         return 0
     r = spec.resources
-    cpus = r.cpus * r.max_concurrent
-    _, packed = run(args.spec, {"resources": {**r.model_dump(), "cpus": cpus, "max_concurrent": 1,
-                                              "pack": len(spec.trial_points())}}, "packed")
+    unpacked = base
+    if r.pack != 1:
+        _, unpacked = run(args.spec, {"resources": {**r.model_dump(), "pack": 1}}, "unpacked")
+        print(f"eval_to_train_unpacked {eval_to_train(unpacked):.3f}")
+        print(f"spec_speedup {unpacked.trials_seconds / base.trials_seconds:.2f}")
+    _, packed = run(args.spec, {"resources": {**r.model_dump(), "cpus": r.cpus * r.max_concurrent,
+                                              "max_concurrent": 1, "pack": len(spec.trial_points())}}, "packed")
     pt = packed.timings
-    print(f"packed_trials_seconds {packed.trials_seconds:.1f} (unpacked {base.trials_seconds:.1f})")
-    print(f"packed_speedup {base.trials_seconds / packed.trials_seconds:.2f}")
+    print(f"packed_trials_seconds {packed.trials_seconds:.1f} (unpacked {unpacked.trials_seconds:.1f})")
+    print(f"packed_speedup {unpacked.trials_seconds / packed.trials_seconds:.2f}")
     print(f"packed_peak_memory_mb {pt.peak_memory_mb.max():.0f}")
     print(f"packed_estimated_memory_mb {pt.estimated_memory_mb.max():.0f}")
     print(f"peak_vs_estimate {pt.peak_memory_mb.max() / pt.estimated_memory_mb.max():.2f}")

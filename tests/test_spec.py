@@ -139,9 +139,10 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 DEFAULT_TRAIN_KEY = "smollm2-135m.resid_post.15.train.29fedfb62b9fd3a05c7e"
 DEFAULT_EVAL_KEY = "smollm2-135m.resid_post.15.eval.9b2a0c923577e260563d"
 # The hash before eval.splice_dtype existed; the default spec now splices with `auto` (bf16 where native), a
-# different measurement, so its hash moved on purpose and an older sweep is not resumed under it unnoticed.
+# different measurement, and packs two points per trial, so its hash moved on purpose and an older sweep is not
+# resumed under it unnoticed.
 FLOAT32_SPLICE_SPEC_HASH = "89c8bd66c166076a"
-DEFAULT_SPEC_HASH = "c9265d5128edc814"
+DEFAULT_SPEC_HASH = "a4c93a94a8eb201c"
 
 
 def test_default_store_keys_and_spec_hash_are_unchanged():
@@ -151,7 +152,8 @@ def test_default_store_keys_and_spec_hash_are_unchanged():
     assert harvest_config(spec, "train").key() == DEFAULT_TRAIN_KEY
     assert harvest_config(spec, "eval").key() == DEFAULT_EVAL_KEY
     assert spec.spec_hash() == DEFAULT_SPEC_HASH
-    float32 = load_spec("default", {"eval": {**spec.eval.model_dump(), "splice_dtype": "float32"}})
+    float32 = load_spec("default", {"eval": {**spec.eval.model_dump(), "splice_dtype": "float32"},
+                                    "resources": {**spec.resources.model_dump(), "pack": 1}})
     assert float32.spec_hash() == FLOAT32_SPLICE_SPEC_HASH
     # a spec on wiki-extracts that leaves label_column out gets its topic, so its keys are the same too
     raw = yaml.safe_load((SPEC_DIR / "default.yaml").read_text())
