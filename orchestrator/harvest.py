@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.lease import Lease, acquire
 from orchestrator.progress import Progress
@@ -50,7 +50,7 @@ from orchestrator.shards import (
     write_manifest,
     write_shard,
 )
-from sae.corpus import CorpusOptions, TextUnit, options_key
+from sae.corpus import options_key
 from sae.lm import (
     check_site,
     compute_dtype_for,
@@ -58,17 +58,17 @@ from sae.lm import (
     harvest_activations,
     load_lm,
     load_tokenizer,
-    site_from_name,
 )
 from sae.lm import resolve_revision as _resolve_revision
 from sae.messages import name_list
+from sae.source import ActivationSource
 
 log = logging.getLogger(__name__)
 DType = Literal["float32", "float16", "bfloat16"]
 
 
-class HarvestConfig(BaseModel):
-    """What to harvest and with which resources.
+class HarvestConfig(ActivationSource):
+    """What to harvest (sae.source.ActivationSource: model, site, corpus, contexts) and with which resources.
 
     tokens counts stored activation rows (BOS positions are dropped): ceil(tokens / (context_length - 1))
     contexts are cut and the last is trimmed so the store holds exactly `tokens` rows.
@@ -79,32 +79,18 @@ class HarvestConfig(BaseModel):
     shard_rows: target rows per shard, rounded down to whole contexts.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    site: str = "resid_post.15"
-    corpus: str = "wiki-extracts"
     corpus_subset: str | None = None
-    corpus_split: str = "train"
-    text_column: str = "text"
-    label_column: str | None = None
-    text_unit: TextUnit = CorpusOptions.model_fields["text_unit"].default
-    corpus_field: str | None = CorpusOptions.model_fields["corpus_field"].default
     split: Literal["train", "eval"] = "train"
-    eval_fraction: float = 0.1
     seed: int = 0
-    tokens: int = 100_000
-    context_length: int = 128
+    tokens: int = Field(100_000, ge=1)
     dtype: DType = "float32"
-    lm_dtype: DType | None = None
     storage: str = ".cache/shards"
-    num_actors: int = 1
-    num_gpus_per_actor: float | None = None
-    num_cpus_per_actor: float | None = None
-    torch_threads: int | None = None
-    batch_size: int = 16
-    shard_rows: int = 16384
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="null: automatic")
+    num_cpus_per_actor: float | None = Field(None, ge=0, description="null: automatic")
+    torch_threads: int | None = Field(None, ge=1, description="null: automatic")
+    batch_size: int = Field(16, ge=1)
+    shard_rows: int = Field(16384, ge=1)
 
     @field_validator("storage", mode="before")
     @classmethod
@@ -113,23 +99,8 @@ class HarvestConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
-        site_from_name(self.site)  # its error names the site kinds
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {name_list(STORAGE_DTYPES)}, got {self.dtype!r}")
-        for name in ("tokens", "num_actors", "batch_size", "shard_rows"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (BOS plus one token), got {self.context_length}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
-        for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ValueError(f"{name} must be >= 0 (or null for automatic), got {v}")
-        if self.torch_threads is not None and self.torch_threads <= 0:
-            raise ValueError(f"torch_threads must be positive (or null for automatic), got {self.torch_threads}")
-        self.corpus_options()  # refuses a malformed corpus_field here, not at the first key()
         return self
 
     def content_fields(self) -> dict[str, Any]:
@@ -142,10 +113,6 @@ class HarvestConfig(BaseModel):
                 "eval_fraction": self.eval_fraction, "seed": self.seed, "tokens": self.tokens,
                 "context_length": self.context_length, "dtype": self.dtype, "lm_dtype": self.lm_dtype,
                 **options_key(self.corpus, self.corpus_options())}
-
-    def corpus_options(self) -> CorpusOptions:
-        """The library's CorpusOptions for these settings (sae.corpus owns their meaning and defaults)."""
-        return CorpusOptions(text_unit=self.text_unit, corpus_field=self.corpus_field)
 
     def key(self) -> str:
         """Readable prefix + sha256 of content_fields(), e.g. smollm2-135m.resid_post.15.train.3f2a...."""

@@ -20,11 +20,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae.config import ComputeDType, SAEConfig, TrainConfig, TrainSettings
-from sae.corpus import CorpusOptions, TextUnit, default_label_column
+from sae.corpus import default_label_column
 from sae.evaluate import PRIMARY_RULE, EvalOptions, EvalSettings
 from sae.lm import site_from_name
 from sae.matryoshka import partition_label, resolve_partition
 from sae.messages import name_list
+from sae.source import ActivationSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
@@ -42,16 +43,20 @@ class _Strict(BaseModel):
 
 
 class HarvestResources(_Strict):
-    num_actors: int = Field(1, ge=1, le=4096)
-    num_cpus_per_actor: float = Field(1.0, gt=0, le=1024)
-    num_gpus_per_actor: float = Field(0.0, ge=0, le=64)
+    """The harvest's Ray Data actors: each loads the LM once and runs it over its share of the contexts."""
+
+    num_actors: int = Field(1, ge=1, le=4096, description="actors running the LM at once")
+    num_cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs Ray reserves for each actor")
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=64, description="GPUs per actor (1 on a GPU cluster)")
     batch_size: int = Field(16, ge=1, le=65536, description="contexts per LM forward")
 
 
 class TrialResources(_Strict):
-    cpus: float = Field(2.0, gt=0, le=1024)
-    gpus: float = Field(0.0, ge=0, le=64)
-    max_concurrent: int = Field(1, ge=1, le=100_000)
+    """What each Tune trial reserves, and how many run at once."""
+
+    cpus: float = Field(2.0, gt=0, le=1024, description="CPUs per trial (its torch threads)")
+    gpus: float = Field(0.0, ge=0, le=64, description="GPUs per trial; > 0 trains and evaluates on CUDA")
+    max_concurrent: int = Field(1, ge=1, le=100_000, description="trials at once")
     pack: Literal["auto"] | int = Field(
         1, description="grid points per Tune trial: they train from one pass over the shards (up to `cpus` at once, "
                        "one thread each) and share one LM load for evaluation; points of one seed only. auto: as many "
@@ -70,13 +75,15 @@ class TrialResources(_Strict):
 class GridSpec(_Strict):
     """The axes of the grid; every combination is one trial (one child run)."""
 
-    n_latents: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(min_length=1)
-    k: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(min_length=1)
-    architecture: list[Literal["topk", "batchtopk"]] = Field(default_factory=lambda: ["topk"], min_length=1)
+    n_latents: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(min_length=1, description="dictionary sizes")
+    k: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(min_length=1, description="active latents per token")
+    architecture: list[Literal["topk", "batchtopk"]] = Field(default_factory=lambda: ["topk"], min_length=1,
+                                                             description="topk or batchtopk")
     partition: list[Any] = Field(default_factory=lambda: [None], min_length=1,
                                  description="null (vanilla), 'doubling:G', 'uniform:G', 'fractions:NAME', "
                                              "'b1,b2,...', a list of boundaries, or a mapping with 'scheme'")
-    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seed: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds: initialisation and "
+                                                                                   "batch order")
 
     @field_validator("partition")
     @classmethod
@@ -129,45 +136,40 @@ class EvalSpec(EvalSettings):
 
 
 class OptunaSpec(_Strict):
-    study_name: str | None = None
+    """The Optuna study that `--search optuna` runs instead of the grid (two objectives: FVU and size)."""
+
+    study_name: str | None = Field(None, description="null: the sweep's name")
     storage: str | None = Field(None, description="an SQLAlchemy URL; default: a SQLite file beside the MLflow store")
-    trials: int = Field(8, ge=1, le=100_000)
-    objective_granularity: int | None = None
-    size_objective: Literal["n_latents", "l0"] = "n_latents"
-    seed: int = 0
+    trials: int = Field(8, ge=1, le=100_000, description="trials the study runs")
+    objective_granularity: int | None = Field(None, description="the G whose FVU is minimised; null: the smallest "
+                                                                "n_latents")
+    size_objective: Literal["n_latents", "l0"] = Field("n_latents", description="the second objective")
+    seed: int = Field(0, description="the sampler's seed")
 
 
-class SweepSpec(_Strict):
-    name: str
-    experiment: str | None = None
-    model: str = "smollm2-135m"
-    revision: str | None = None
-    site: str = "resid_post.15"
-    corpus: str = "wiki-extracts"
-    corpus_split: str = "train"
-    text_column: str = "text"
-    label_column: str | None = Field(None, description="the column of per-document labels the probes predict; "
-                                                       "left out: the corpus's own (wiki-extracts: topic), else none")
-    text_unit: TextUnit = Field(CorpusOptions.model_fields["text_unit"].default,
-                                description=CorpusOptions.model_fields["text_unit"].description)
-    corpus_field: str | None = Field(CorpusOptions.model_fields["corpus_field"].default,
-                                     description=CorpusOptions.model_fields["corpus_field"].description)
-    context_length: int = Field(128, ge=8, le=1 << 20)
+class SweepSpec(ActivationSource):
+    """A sweep: which activations (sae.source.ActivationSource: model, site, corpus, contexts, LM dtype), how many,
+    where they and the results go, and the grid, training, evaluation and search over them."""
+
+    model_config = _Strict.model_config
+    name: str = Field(description="the sweep's name: letters, digits, '_', '.', '-'")
+    experiment: str | None = Field(None, description="the MLflow experiment; null: sae-frontier-<name>")
     train_tokens: int = Field(ge=1, le=10**11, description="harvested training tokens (10^11 at most: far beyond any SAE run)")
-    eval_tokens: int = Field(ge=1, le=10**10)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bf16 on a GPU, fp32 on a CPU
+    eval_tokens: int = Field(ge=1, le=10**10, description="harvested held-out tokens")
+    activation_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="the stored "
+                                                                                              "activations' dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where trials train and evaluate; auto: "
+                                                                      "cuda where a trial has a GPU")
     storage: str = Field(".cache/shards", description="shard store: a folder or URI every node reaches")
-    tracking_uri: str | None = None
+    tracking_uri: str | None = Field(None, description="MLflow: a sqlite:/// file or an http(s) server; null: "
+                                                      f"{DEFAULT_TRACKING_URI} (or $MLFLOW_TRACKING_URI)")
     results_path: str = Field(".cache/ray_results", description="Ray Tune's results and checkpoints")
-    harvest: HarvestResources = HarvestResources()
-    resources: TrialResources = TrialResources()
-    grid: GridSpec
-    train: TrainSpec = TrainSpec()
-    eval: EvalSpec = EvalSpec()
-    optuna: OptunaSpec = OptunaSpec()
+    harvest: HarvestResources = Field(HarvestResources(), description="the harvest's resources")
+    resources: TrialResources = Field(TrialResources(), description="each trial's resources and how they are packed")
+    grid: GridSpec = Field(description="the grid's axes: every combination is one grid point")
+    train: TrainSpec = Field(TrainSpec(), description="how every SAE trains")
+    eval: EvalSpec = Field(EvalSpec(), description="how every SAE is evaluated")
+    optuna: OptunaSpec = Field(OptunaSpec(), description="the Optuna study (--search optuna)")
 
     @model_validator(mode="before")
     @classmethod
@@ -179,14 +181,6 @@ class SweepSpec(_Strict):
             if isinstance(corpus, str):
                 return {**raw, "label_column": default_label_column(corpus)}
         return raw
-
-    @field_validator("corpus_field")
-    @classmethod
-    def _corpus_field(cls, v: str | None) -> str | None:
-        try:
-            return CorpusOptions(corpus_field=v).corpus_field
-        except ValidationError as err:
-            raise ValueError(_first_message(err).removeprefix("corpus_field: ")) from None
 
     @field_validator("name")
     @classmethod
@@ -201,12 +195,6 @@ class SweepSpec(_Strict):
         if not v.strip():  # an empty path would resolve to the repo root
             raise ValueError("an empty path; give a folder (relative paths are under the repo) or a URI such as "
                              "s3://bucket/prefix")
-        return v
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str) -> str:
-        site_from_name(v)  # its error names the site kinds
         return v
 
     @model_validator(mode="after")
@@ -276,10 +264,6 @@ class SweepSpec(_Strict):
                     where = where[parent]
                 del where[name]
         return hashlib.sha256(pydantic_core.to_json(_in_hash_layout(self, dump))).hexdigest()[:16]
-
-    def corpus_options(self) -> CorpusOptions:
-        """The library's CorpusOptions for these settings (sae.corpus owns the meaning of each)."""
-        return CorpusOptions(text_unit=self.text_unit, corpus_field=self.corpus_field)
 
     def trial_points(self) -> list[dict[str, Any]]:
         """Every grid combination as a plain dict (the Tune config of one trial), validated."""
@@ -495,3 +479,28 @@ def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> SweepSpec:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise SpecError(f"spec {source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def describe_fields(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) of every spec field, sections expanded: what `python -m
+    orchestrator.spec` prints and the docs can quote."""
+    model = model or SweepSpec
+    rows = []
+    for name, field in model.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+            else None
+        if section is not None:
+            rows.extend(describe_fields(section, f"{prefix}{name}."))
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    wanted = sys.argv[1] if len(sys.argv) > 1 else ""
+    for dotted, default, description in describe_fields():
+        if dotted.startswith(wanted):
+            print(f"{dotted} = {default}\n    {description}")

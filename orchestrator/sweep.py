@@ -138,15 +138,9 @@ def init_ray() -> None:
 
 
 def harvest_config(spec: SweepSpec, split: str) -> HarvestConfig:
-    h = spec.harvest
-    return HarvestConfig(
-        model=spec.model, revision=spec.revision, site=spec.site, corpus=spec.corpus, text_column=spec.text_column,
-        label_column=spec.label_column, split=split, tokens=spec.train_tokens if split == "train" else spec.eval_tokens,
-        context_length=spec.context_length, dtype=spec.activation_dtype, storage=resolve_path(spec.storage),
-        num_actors=h.num_actors, num_gpus_per_actor=h.num_gpus_per_actor, num_cpus_per_actor=h.num_cpus_per_actor,
-        batch_size=h.batch_size, lm_dtype=spec.lm_dtype, corpus_split=spec.corpus_split,
-        eval_fraction=spec.eval_fraction, text_unit=spec.text_unit, corpus_field=spec.corpus_field,
-    )
+    return HarvestConfig(**spec.source_fields(), **spec.harvest.model_dump(), split=split,
+                         tokens=spec.train_tokens if split == "train" else spec.eval_tokens,
+                         dtype=spec.activation_dtype, storage=resolve_path(spec.storage))
 
 
 def activations_identity(train_store: str, eval_store: str) -> dict[str, str]:
@@ -185,24 +179,26 @@ def _sweep_name(spec: SweepSpec, search: str, resume: bool | str) -> str:
     """A fresh sweep gets a new name; --resume continues the last one of this spec and search (the name kept in
     <results_path>/<spec>.<search>.latest), or the one it names. A name becomes a path under results_path, so
     only names of this spec's sweeps are accepted."""
-    pattern = _sweep_pattern(spec, search)
     if isinstance(resume, str):
-        if not re.fullmatch(pattern, resume):
-            raise ValueError(f"--resume {resume[:80]!r} is not a {search} sweep of spec {spec.name!r} "
-                             f"(<spec>-{search}-<date>-<time>-<suffix>, as in the sweep's parent run name)")
-        return resume
+        return _own_sweep(resume, spec, search, "--resume {name} is", "as in the sweep's parent run name")
     fs, root = storage_fs(resolve_path(spec.results_path))
     latest = _latest_path(root, spec, search)
     if resume:
         if not exists(fs, latest):
             raise ValueError(f"--resume: no earlier {search} sweep of spec {spec.name!r} under {spec.results_path}")
         name = read_bytes(fs, latest).decode(errors="replace").strip()
-        if not re.fullmatch(pattern, name):
-            raise ValueError(f"--resume: {latest} names {name[:80]!r}, not a sweep of spec {spec.name!r} "
-                             f"(<spec>-{search}-<date>-<time>-<suffix>); delete the file and start a new sweep")
-        return name
+        return _own_sweep(name, spec, search, f"--resume: {latest} names {{name}},",
+                          "delete the file and start a new sweep")
     # a random suffix: two sweeps of one spec started in the same second still get two names
     return f"{spec.name}-{search}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _own_sweep(name: str, spec: SweepSpec, search: str, says: str, fix: str) -> str:
+    """`name` when it names one of this spec's sweeps, else an error that `says` where the name came from."""
+    if not re.fullmatch(_sweep_pattern(spec, search), name):
+        raise ValueError(f"{says.format(name=repr(name[:80]))} not a {search} sweep of spec {spec.name!r} "
+                         f"(<spec>-{search}-<date>-<time>-<suffix>); {fix}")
+    return name
 
 
 def _sweep_pattern(spec: SweepSpec, search: str) -> str:

@@ -54,16 +54,22 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-@dataclass
-class LoadedLM:
-    """A model in eval mode plus what a store needs to name it (revision = HF commit or sha256 of the weights)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What names a model and its sites: the name, the revision (HF commit or sha256 of the weights), depth, width."""
 
-    model: Any
-    tokenizer: Any
     name: str
     revision: str
     n_layers: int
     d_model: int
+
+
+@dataclass(frozen=True)
+class LoadedLM(ModelShape):
+    """A model in eval mode with its tokenizer, decoder layers and where and how it computes."""
+
+    model: Any
+    tokenizer: Any
     device: torch.device
     dtype: torch.dtype
     layers: torch.nn.ModuleList
@@ -161,14 +167,20 @@ def _find_child(layer: torch.nn.Module, names: tuple[str, ...], what: str) -> to
     raise ValueError(f"site {what}: decoder layer {type(layer).__name__} has none of {names} (children: {children})")
 
 
+def _light_source(name: str, revision: str | None) -> tuple[str, dict[str, Any], Path | None]:
+    """(what to pass to from_pretrained, its keyword arguments, the local weights or None) for loading a model's
+    tokenizer or config without its weights: a GGUF file's converted folder, the revision only for a hub name."""
+    source, gguf_file, local = _resolve_source(name)
+    if gguf_file is not None:
+        source = str(converted_gguf(Path(source) / gguf_file))
+    return source, {"revision": revision} if local is None and revision is not None else {}, local
+
+
 def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None) -> Any:
     """The model's tokenizer alone (what a harvest driver needs to cut contexts)."""
     from transformers import AutoTokenizer
 
-    source, gguf_file, local = _resolve_source(name)
-    if gguf_file is not None:
-        source = str(converted_gguf(Path(source) / gguf_file))
-    kwargs = {"revision": revision} if local is None and revision is not None else {}
+    source, kwargs, _ = _light_source(name, revision)
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
@@ -260,11 +272,9 @@ def parse_site(site: str | Site, lm: LoadedLM) -> Site:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    revision: str
-    n_layers: int
-    d_model: int
+class ModelInfo(ModelShape):
+    """A model described from its config alone (describe_model), without loading its weights."""
+
     model_type: str
     n_params: int = 0  # weights, counted on the meta device (tied embeddings once): what loading it costs
     vocab_size: int = 0
@@ -275,10 +285,7 @@ def describe_model(name: str = "smollm2-135m", *, revision: str | None = None) -
     """Layer count and width from the model's config alone (no weights): validates a site before any work."""
     from transformers import AutoConfig
 
-    source, gguf_file, local = _resolve_source(name)
-    if gguf_file is not None:
-        source = str(converted_gguf(Path(source) / gguf_file))
-    kwargs = {"revision": revision} if local is None and revision is not None else {}
+    source, kwargs, local = _light_source(name, revision)
     cfg = AutoConfig.from_pretrained(source, **kwargs)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)

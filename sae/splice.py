@@ -113,8 +113,14 @@ def bootstrap_scores(run: ContextLosses, clean: ContextLosses, zero: ContextLoss
     cols = torch.stack([run.ce, run.kl, clean.ce, zero.ce, zero.kl], 1)
     point = _scores(*cols.mean(0).unbind())
     boot = _scores(*_resampled_means(cols, n_boot, seed).unbind(1))
+    return _with_intervals(("ce_score", "kl_score"), point, boot)
+
+
+def _with_intervals(names: tuple[str, ...], points: tuple[Tensor, ...], boots: tuple[Tensor, ...]
+                    ) -> dict[str, float]:
+    """{name: point, name_lo, name_hi} from each point estimate and its bootstrap resamples."""
     out: dict[str, float] = {}
-    for name, p, b in zip(("ce_score", "kl_score"), point, boot, strict=True):
+    for name, p, b in zip(names, points, boots, strict=True):
         out[name] = p.item()
         out[f"{name}_lo"], out[f"{name}_hi"] = _interval(out[name], b)
     return out
@@ -131,12 +137,8 @@ def paired_bootstrap(a: ContextLosses, b: ContextLosses, clean: ContextLosses, z
             _scores(m[..., 2], m[..., 3], m[..., 4], m[..., 5], m[..., 6])
         return sa[0] - sb[0], sa[1] - sb[1]
 
-    point, boot = diff(cols.mean(0)), diff(_resampled_means(cols, n_boot, seed))
-    out: dict[str, float] = {}
-    for name, p, s in zip(("ce_score_diff", "kl_score_diff"), point, boot, strict=True):
-        out[name] = p.item()
-        out[f"{name}_lo"], out[f"{name}_hi"] = _interval(out[name], s)
-    return out
+    return _with_intervals(("ce_score_diff", "kl_score_diff"), diff(cols.mean(0)),
+                           diff(_resampled_means(cols, n_boot, seed)))
 
 
 class SpliceScorer:

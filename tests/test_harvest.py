@@ -152,7 +152,7 @@ def test_bad_inputs(ray_local, tmp_path):
         config(tmp_path, dtype="float64")
     with pytest.raises(ValueError, match="is not a site name"):
         config(tmp_path, site="resid_mid.3")
-    with pytest.raises(ValueError, match="tokens must be a positive"):
+    with pytest.raises(ValueError, match=r"tokens\n  Input should be greater than or equal to 1"):
         config(tmp_path, tokens=0)
     with pytest.raises(ValueError, match=r"layer 30 is out of range.*30 layers"):
         harvest(config(tmp_path, site="resid_post.30"), progress=False)

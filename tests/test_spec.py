@@ -110,7 +110,7 @@ def test_sweep_names_are_unique_and_latest_never_points_away_from_a_running_swee
     with pytest.raises(ValueError, match=r"--resume '\.\./x' is not a grid sweep of spec 'smoke'"):
         _sweep_name(spec, "grid", "../x")
     (tmp_path / "smoke.grid.latest").write_text("../../etc")
-    with pytest.raises(ValueError, match=r"smoke\.grid\.latest names '\.\./\.\./etc', not a sweep"):
+    with pytest.raises(ValueError, match=r"smoke\.grid\.latest names '\.\./\.\./etc', not a grid sweep"):
         _sweep_name(spec, "grid", True)
 
 
@@ -274,3 +274,15 @@ def test_the_eval_section_is_the_librarys_settings():
     assert (opts.rules, opts.random_draws, opts.random_seed) == (("masked",), 7, 3)
     with pytest.raises(SpecError, match="eval.random_draws: Input should be greater than or equal to 1"):
         spec_from_dict(smoke_dict(eval={"random_draws": 0}))
+
+
+def test_every_spec_field_says_what_it_is():
+    """One line per field for `python -m orchestrator.spec` and the docs, sections expanded."""
+    from orchestrator.spec import describe_fields
+
+    rows = describe_fields()
+    missing = [dotted for dotted, _, description in rows if not description]
+    assert not missing, f"fields without a description: {missing}"
+    by_name = {dotted: default for dotted, default, _ in rows}
+    assert by_name["train.warmup_steps"] == "100" and by_name["grid.n_latents"] == "required"
+    assert {"eval.splice_dtype", "train.lr_end", "harvest.num_actors", "optuna.seed"} <= set(by_name)
