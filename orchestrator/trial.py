@@ -196,20 +196,16 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
     last: list[dict[str, float]] = [saved.get("points", {}).get(key, {}) for key in keys]  # kept across restarts
     trained_here = not trainer.finished
     if trained_here:
-        every = math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps)
-        pending: list[dict] = []
-        for batch in itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None):
-            report = (trainer.step + 1) % every == 0
-            pending = trainer.train_step(batch, sync=report)  # unreported steps stay on the device: no host sync
-            if trainer.step == 1:
-                _inject_faults(trainer, keys)
-            if report:
-                last = [m or old for m, old in zip(pending, last, strict=True)]
-                _report_train(trainer, pending, keys, spec, work)
-            if trainer.finished:
-                break
-        trainer.check_finite()
-        last = [{k: float(v) for k, v in m.items()} or old for m, old in zip(pending, last, strict=True)]
+        def on_report(_tokens: int, metrics: list[dict[str, float]]) -> None:
+            nonlocal last
+            last = [m or old for m, old in zip(metrics, last, strict=True)]
+            _report_train(trainer, metrics, keys, spec, work)
+
+        batches = itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None)
+        if os.environ.get(INJECT_NAN_ENV):
+            batches = _faults_after_first_step(batches, trainer, keys)
+        trainer.fit(batches, callback=on_report,
+                    log_every=math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps))
     train_seconds = time.perf_counter() - t0
     training = {"pack_train_seconds": train_seconds,  # of the process that finished the training
                 "train_tokens_per_second": (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
@@ -273,15 +269,18 @@ def _inject_crash() -> None:
         os._exit(1)
 
 
-def _inject_faults(trainer: Trainer, keys: list[str]) -> None:
+def _faults_after_first_step(batches, trainer: Trainer, keys: list[str]):
     """Test hook: the points named in $SAE_FRONTIER_INJECT_NAN (comma-separated point keys) get an infinite
-    decoder weight after their first step, so their next loss is non-finite (tests that one point's failure
-    stays its own). Unset in normal runs."""
+    decoder weight after a fresh run's first step, so their next loss is non-finite (tests that one point's
+    failure stays its own). Unset in normal runs."""
     poisoned = set(filter(None, os.environ.get(INJECT_NAN_ENV, "").split(",")))
-    with torch.no_grad():
-        for i, key in enumerate(keys):
-            if key in poisoned:
-                trainer.saes[i].W_dec[:, 0] = float("inf")
+    for batch in batches:
+        if trainer.step == 1:  # the generator resumes here once the first step is done
+            with torch.no_grad():
+                for i, key in enumerate(keys):
+                    if key in poisoned:
+                        trainer.saes[i].W_dec[:, 0] = float("inf")
+        yield batch
 
 
 def _evaluate_point(sae, point: dict[str, Any], spec: SweepSpec, data: EvalData, scorer: SpliceScorer,

@@ -372,26 +372,27 @@ class Trainer:
     def fit(self, batches: Iterable[Tensor], *, max_tokens: int | None = None,
             callback: Callable[[int, list[dict[str, float]]], None] | None = None,
             log_every: int = 50) -> list[SparseAutoencoder]:
-        """Train until the batches run out, `max_tokens` is reached, or every SAE hit its total_tokens.
+        """Train until the batches run out, `max_tokens` is reached, or every SAE is finished (reached its
+        total_tokens, or failed under isolate_failures). The one training loop: a sweep's trial drives it too.
 
-        callback(tokens_seen, metrics_per_sae) runs every `log_every` steps and after the last step.
+        callback(tokens_seen, metrics_per_sae) runs every `log_every` steps and after the last step, with float
+        metrics ({} for an SAE that is finished); the steps in between keep theirs on the device (no host sync).
         """
         if log_every <= 0:
             raise ValueError(f"log_every must be a positive step count, got {log_every}")
-        last, logged = None, True
-        for batch in batches:
+        pending, logged = None, True
+        for batch in batches if not self.finished else ():
             if max_tokens is not None and self.tokens_seen >= max_tokens:
                 break
-            out = self._step_tensors(batch)
-            if out is None:
+            report = callback is not None and (self.step + 1) % log_every == 0
+            pending, logged = self.train_step(batch, sync=report), report
+            if report:
+                callback(self.tokens_seen, pending)
+            if self.finished:  # stop before reading another batch
                 break
-            last, logged = out, False
-            if callback is not None and self.step % log_every == 0:
-                callback(self.tokens_seen, [{k: float(v) for k, v in d.items()} for d in out])
-                logged = True
         self.check_finite()
-        if callback is not None and last is not None and not logged:
-            callback(self.tokens_seen, [{k: float(v) for k, v in d.items()} for d in last])
+        if callback is not None and pending is not None and not logged:
+            callback(self.tokens_seen, [{k: float(v) for k, v in d.items()} for d in pending])
         return self.saes
 
     # ----- resumable state ----------------------------------------------------------------------------------
