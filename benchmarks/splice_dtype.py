@@ -27,7 +27,6 @@ from benchmarks.train_quality import default_stores  # noqa: E402
 from orchestrator.shards import iter_batches  # noqa: E402
 from orchestrator.spec import load_spec, make_point  # noqa: E402
 from orchestrator.trial import importance_sample, load_eval_data, splice_contexts  # noqa: E402
-from sae.config import SAEConfig  # noqa: E402
 from sae.corpus import special_ids  # noqa: E402
 from sae.evaluate import evaluate_progressive  # noqa: E402
 from sae.importance import latent_stats  # noqa: E402
@@ -49,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec("default")
     point = make_point(a.n_latents, spec.grid.k[0], "topk", None, 0)
     data, positions = load_eval_data(eval_store, spec)
-    cfg = SAEConfig(d_in=data.acts.shape[1], n_latents=a.n_latents, k=point["k"])
+    cfg = point.sae_config(data.acts.shape[1])
     t = time.perf_counter()
     batches = iter_batches(train_store, spec.train.batch_size, seed=0, epochs=spec.train.epochs)
     sae = Trainer([(cfg, spec.train_config(point, "cpu"))]).fit(batches)[0].eval()
-    print(f"trained n={a.n_latents} k={point['k']} in {time.perf_counter() - t:.0f} s")
+    print(f"trained {point.name} in {time.perf_counter() - t:.0f} s")
     ranking = latent_stats(sae, importance_sample(train_store, spec.eval.importance_tokens))
     opts = spec.eval.options(spec.granularities())
     curves, seconds = {}, {}

@@ -12,18 +12,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from orchestrator.spec import TrialPoint
 from sae.export import RESULT_FILE
 
 POINTS_DIR = "points"
 ERROR_FILE = "error.txt"  # why a point failed (its run is marked FAILED with it)
 
 
-def point_dir(root: str | Path, point: dict[str, Any]) -> Path:
+def point_dir(root: str | Path, point: TrialPoint) -> Path:
     """Where a point's bundle (or error.txt) lives inside a trial checkpoint."""
-    return Path(root) / POINTS_DIR / point["trial_key"]
+    return Path(root) / POINTS_DIR / point.trial_key
 
 
-def point_done(root: str | Path, point: dict[str, Any]) -> bool:
+def point_done(root: str | Path, point: TrialPoint) -> bool:
     d = point_dir(root, point)
     return (d / RESULT_FILE).exists() or (d / ERROR_FILE).exists()
 

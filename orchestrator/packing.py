@@ -16,9 +16,8 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any
 
-from orchestrator.spec import SweepSpec, point_name
+from orchestrator.spec import SweepSpec, TrialPoint
 from sae.lm import ModelInfo
 from sae.splice import LOSS_CHUNK_ELEMS
 from sae.train import AUXK_DENSE_MIN_DENSITY, resolve_compute_dtype
@@ -63,19 +62,19 @@ def sae_step_bytes(d: int, n: int, batch: int, groups: int, compute_dtype: str, 
     return batch * ((4 + low) * n + 4 * (3 + 2 * groups) * d + 3 * 4 * dead)
 
 
-def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: ModelInfo, shard_rows: int,
+def trial_memory(spec: SweepSpec, points: list[TrialPoint], *, d: int, lm: ModelInfo, shard_rows: int,
                  device: str = "cpu") -> MemoryEstimate:
     """The estimate for one trial training and evaluating `points` together (see the module docstring)."""
     act_bytes = 4 if spec.activation_dtype == "float32" else 2
     base = PROCESS_BYTES_CUDA if device == "cuda" else PROCESS_BYTES_CPU
     batch = spec.train.batch_size
-    steps = sorted((sae_step_bytes(d, p["n_latents"], batch, len(p["boundaries"] or [p["n_latents"]]),
+    steps = sorted((sae_step_bytes(d, p.n_latents, batch, len(p.boundaries or (p.n_latents,)),
                                    spec.train.compute_dtype,
-                                   spec.train_config(p, device).aux_k_for(d, p["n_latents"])) for p in points),
+                                   spec.train_config(p, device).aux_k_for(d, p.n_latents)) for p in points),
                    reverse=True)
     parallel = max(1, min(len(points), int(spec.resources.cpus)))
     shards = 0 if device == "cuda" else BUFFER_SHARDS * shard_rows * d * (act_bytes + 4)
-    train = base + shards + sum(sae_state_bytes(d, p["n_latents"]) for p in points) + sum(steps[:parallel])
+    train = base + shards + sum(sae_state_bytes(d, p.n_latents) for p in points) + sum(steps[:parallel])
 
     splice = spec.eval.splice_dtype  # the evaluation's LM (a GPU the driver cannot see is taken to run bf16)
     splice = "bfloat16" if splice == "auto" and device == "cuda" else resolve_compute_dtype(splice, device)
@@ -89,10 +88,10 @@ def trial_memory(spec: SweepSpec, points: list[dict[str, Any]], *, d: int, lm: M
     # this estimate is 1.12-1.16x (2.58-2.73 GB): on the safe side, within 20%
     loss_chunk = min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
     eval_acts = spec.eval_tokens * d * 4 * 3  # the eval set, its normalised copy and one reconstruction
-    widest = max(p["n_latents"] for p in points)
+    widest = max(p.n_latents for p in points)
     encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set
     importance = spec.eval.importance_tokens * d * 4
-    weights = sum(4 * (2 * d * p["n_latents"]) for p in points)
+    weights = sum(4 * (2 * d * p.n_latents) for p in points)
     evaluation = base + lm_bytes + clean_p + loss_chunk + eval_acts + encode + importance + weights
     return MemoryEstimate(train=train, eval=evaluation)
 
@@ -122,16 +121,16 @@ def physical_memory() -> int:
 
 
 def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, device: str = "cpu",
-               budget: int | None = None, points: list[dict[str, Any]] | None = None) -> list[list[dict[str, Any]]]:
+               budget: int | None = None, points: list[TrialPoint] | None = None) -> list[list[TrialPoint]]:
     """The grid's points (or `points`, a subset) in packs: one seed per pack, grid order kept, at most
     `resources.pack` points each, or (`auto`) as many as fit the memory budget. A point that alone exceeds the
     budget still gets a trial."""
     size = spec.resources.pack
     limit = budget if budget is not None else memory_budget(spec)
-    packs: list[list[dict[str, Any]]] = []
+    packs: list[list[TrialPoint]] = []
     todo = spec.trial_points() if points is None else points
-    for _, group in itertools.groupby(sorted(todo, key=lambda p: p["seed"]), key=lambda p: p["seed"]):
-        current: list[dict[str, Any]] = []
+    for _, group in itertools.groupby(sorted(todo, key=lambda p: p.seed), key=lambda p: p.seed):
+        current: list[TrialPoint] = []
         for point in group:
             full = len(current) >= size if size != "auto" else (
                 bool(current) and trial_memory(spec, [*current, point], d=d, lm=lm, shard_rows=shard_rows,
@@ -144,13 +143,13 @@ def plan_packs(spec: SweepSpec, *, d: int, lm: ModelInfo, shard_rows: int, devic
     return packs
 
 
-def pack_name(points: list[dict[str, Any]]) -> str:
-    """A pack's readable name: its point's name (spec.point_name), or its first point's and how many more."""
-    first = point_name(points[0])
+def pack_name(points: list[TrialPoint]) -> str:
+    """A pack's readable name: its point's name (TrialPoint.name), or its first point's and how many more."""
+    first = points[0].name
     return first if len(points) == 1 else f"{first} +{len(points) - 1}"
 
 
-def describe_plan(spec: SweepSpec, packs: list[list[dict[str, Any]]], estimates: list[MemoryEstimate],
+def describe_plan(spec: SweepSpec, packs: list[list[TrialPoint]], estimates: list[MemoryEstimate],
                   budget: int) -> str:
     """What the sweep prints before it starts: packs, points per pack and the largest trial's memory estimate
     against the budget the packs were planned with."""

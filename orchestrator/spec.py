@@ -19,7 +19,7 @@ import pydantic_core
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae.config import ComputeDType, SAEConfig, TrainConfig, TrainSettings
+from sae.config import Architecture, ComputeDType, SAEConfig, TrainConfig, TrainSettings
 from sae.corpus import default_label_column
 from sae.evaluate import PRIMARY_RULE, EvalOptions, EvalSettings
 from sae.lm import site_from_name
@@ -212,18 +212,18 @@ class SweepSpec(ActivationSource):
             raise ValueError(f"optuna.objective_granularity must be <= the smallest n_latents ({min(self.grid.n_latents)}), got {g0}")
         gs = set(self.granularities())
         for p in self.trial_points():  # a Matryoshka SAE is scored only at its trained boundaries
-            inner = [b for b in p["boundaries"] or [] if b < p["n_latents"]]
+            inner = [b for b in p.boundaries or () if b < p.n_latents]
             if inner and not gs.intersection(inner):
                 source = "eval.granularities" if self.eval.granularities is not None else \
                     f"the default G (eval.granularities: null keeps G above the largest grid.k, {max(self.grid.k)})"
                 raise ValueError(f"{source} {name_list(sorted(gs))} hold none of the inner group boundaries "
-                                 f"{name_list(inner)} of partition {p['partition']} at n_latents={p['n_latents']}, so "
+                                 f"{name_list(inner)} of partition {p.partition} at n_latents={p.n_latents}, so "
                                  "its prefixes would never be scored; add some of those boundaries to "
                                  "eval.granularities (or lower grid.k)")
-            if p["boundaries"] and p["n_latents"] > g0 and g0 not in p["boundaries"]:
+            if p.boundaries and p.n_latents > g0 and g0 not in p.boundaries:
                 raise ValueError(f"optuna.objective_granularity ({g0}) is not a group boundary of partition "
-                                 f"{p['partition']} at n_latents={p['n_latents']} (boundaries "
-                                 f"{name_list(p['boundaries'])}), so that SAE has no prefix there to score; set "
+                                 f"{p.partition} at n_latents={p.n_latents} (boundaries "
+                                 f"{name_list(p.boundaries)}), so that SAE has no prefix there to score; set "
                                  "optuna.objective_granularity to a shared boundary")
         if self.resources.pack == "auto" and self.resources.gpus > 0 and self.resources.memory_gb is None:
             raise ValueError("resources.pack: 'auto' on GPUs needs resources.memory_gb (the GPU memory a trial may "
@@ -265,8 +265,8 @@ class SweepSpec(ActivationSource):
                 del where[name]
         return hashlib.sha256(pydantic_core.to_json(_in_hash_layout(self, dump))).hexdigest()[:16]
 
-    def trial_points(self) -> list[dict[str, Any]]:
-        """Every grid combination as a plain dict (the Tune config of one trial), validated."""
+    def trial_points(self) -> list[TrialPoint]:
+        """Every grid combination, validated, in grid order."""
         g = self.grid
         return [make_point(n, k, a, p, s) for n, k, a, p, s in
                 itertools.product(g.n_latents, g.k, g.architecture, g.partition, g.seed)]
@@ -286,12 +286,12 @@ class SweepSpec(ActivationSource):
         gs = {2**j for j in range(1, 40) if k_max < 2**j <= n_max}
         gs |= set(self.grid.n_latents)
         for p in self.trial_points():
-            gs |= set(p["boundaries"] or [])
+            gs |= set(p.boundaries or ())
         return sorted(g for g in gs if g > k_max or g in self.grid.n_latents)
 
-    def train_config(self, point: dict[str, Any], device: str) -> TrainConfig:
+    def train_config(self, point: TrialPoint, device: str) -> TrainConfig:
         return TrainConfig.for_run(self.train, total_tokens=self.train_tokens * self.train.epochs,
-                                   seed=point["seed"], device=device)
+                                   seed=point.seed, device=device)
 
 
 # The spec's fields when the hash was fixed, in order (section "" is the top level). The hash lists them in this
@@ -341,44 +341,74 @@ ADDED_FIELDS: dict[str, Callable[[SweepSpec], bool]] = {
 }
 
 
-def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> dict[str, Any]:
-    """One validated trial config; errors name the grid coordinates."""
+class TrialPoint(BaseModel):
+    """One grid point, validated (make_point): the SAE's coordinates. Its key (a stable id: the MLflow run's tag,
+    the bundle's folder) and its readable name (the run's and the Tune trial's name, the log label) derive from
+    them. Tune configs and result.json carry it as `as_config()`, a plain dict with the key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_latents: int
+    k: int
+    architecture: Architecture
+    partition: str  # the partition's label (sae.matryoshka.partition_label): "none", "doubling:smallest=64", ...
+    boundaries: tuple[int, ...] | None  # the Matryoshka group boundaries at this n, None for a vanilla SAE
+    seed: int
+
+    @property
+    def trial_key(self) -> str:
+        fields = {"n_latents": self.n_latents, "k": self.k, "architecture": self.architecture,
+                  "partition": self.partition, "seed": self.seed}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """e.g. n256-k8-topk-doubling:2-s0."""
+        return f"n{self.n_latents}-k{self.k}-{self.architecture}-{self.partition}-s{self.seed}"
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        return SAEConfig(d_in=d_in, n_latents=self.n_latents, k=self.k, architecture=self.architecture,
+                         partition=self.boundaries)
+
+    def as_config(self) -> dict[str, Any]:
+        """A plain dict (boundaries as a list) with the key: what a Tune config and result.json hold."""
+        return {**self.model_dump(mode="json"), "trial_key": self.trial_key}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialPoint:
+        """The point `as_config()` wrote; a key that does not match its coordinates is refused."""
+        point = cls.model_validate({k: v for k, v in config.items() if k != "trial_key"})
+        if config.get("trial_key", point.trial_key) != point.trial_key:
+            raise ValueError(f"grid point {point.name}: its trial_key {config['trial_key']!r} does not match its "
+                             f"coordinates ({point.trial_key})")
+        return point
+
+
+def make_point(n: int, k: int, architecture: str, partition: Any, seed: int) -> TrialPoint:
+    """One validated grid point; errors name the grid coordinates."""
     where = (f"grid point (n_latents={n}, k={k}, architecture={architecture}, "
              f"partition={partition_label(partition)}, seed={seed})")
     try:
         boundaries = resolve_partition(partition, n)
         if boundaries is not None and len(boundaries) == 1:
             raise ValueError("partition: a single group is a vanilla SAE; write null for it")
-        SAEConfig(d_in=1, n_latents=n, k=k, architecture=architecture, partition=boundaries)
+        point = TrialPoint(n_latents=n, k=k, architecture=architecture, partition=partition_label(partition),
+                           boundaries=tuple(boundaries) if boundaries else None, seed=seed)
+        point.sae_config(d_in=1)
     except ValidationError as err:
         raise ValueError(f"{where}: {_first_message(err)}") from None
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    point = {"n_latents": n, "k": k, "architecture": architecture, "partition": partition_label(partition),
-             "boundaries": list(boundaries) if boundaries else None, "seed": seed}
-    point["trial_key"] = trial_key(point)
     return point
 
 
-def points_from_config(config: dict[str, Any], spec: SweepSpec) -> list[dict[str, Any]]:
+def points_from_config(config: dict[str, Any], spec: SweepSpec) -> list[TrialPoint]:
     """A trial's grid points from its Tune config: a grid trial carries its pack whole (orchestrator.packing); an
     Optuna trial carries the axes of its one point."""
     if "pack" in config:
-        return list(config["pack"]["points"])
+        return [TrialPoint.from_config(p) for p in config["pack"]["points"]]
     return [make_point(config["n_latents"], config["k"], config["architecture"],
                        spec.grid.partition[config["partition_index"]], config["seed"])]
-
-
-def trial_key(point: dict[str, Any]) -> str:
-    """A stable id for a grid point (tagged on its MLflow run; runs are matched across resumes by Tune trial id)."""
-    fields = {k: point[k] for k in ("n_latents", "k", "architecture", "partition", "seed")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def point_name(point: dict[str, Any]) -> str:
-    """A grid point's readable name, e.g. n256-k8-topk-doubling:2-s0: its MLflow run's name, its Tune trial's name
-    and its label in the trial's log lines."""
-    return f"n{point['n_latents']}-k{point['k']}-{point['architecture']}-{point['partition']}-s{point['seed']}"
 
 
 def home() -> Path:

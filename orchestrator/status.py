@@ -24,13 +24,13 @@ from ray.tune.experiment import Trial
 from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
 
 from orchestrator.packing import pack_name
-from orchestrator.spec import point_name
+from orchestrator.spec import TrialPoint
 
 
 def grid_trial_name(trial: Trial) -> str:
     """A grid trial's name in Tune's output: its points (packing.pack_name) and its Tune id, e.g.
     `n256-k8-topk-doubling:2-s0 (5b9e0_00003)`; the id is the MLflow runs' tag `sae_frontier.tune_trial`."""
-    return f"{pack_name(trial.config['pack']['points'])} ({trial.trial_id})"
+    return f"{pack_name([TrialPoint.from_config(p) for p in trial.config['pack']['points']])} ({trial.trial_id})"
 
 
 def grid_trial_dirname(trial: Trial) -> str:
@@ -60,7 +60,7 @@ class _NamedTrialsReporter(TuneTerminalReporter):
 
     def _print_config(self, trial: Trial) -> None:
         pack = trial.config["pack"]
-        print(f"  points: {', '.join(point_name(p) for p in pack['points'])} "
+        print(f"  points: {', '.join(TrialPoint.from_config(p).name for p in pack['points'])} "
               f"(estimated peak memory {pack['estimated_memory_mb']:.0f} MB)")
 
 

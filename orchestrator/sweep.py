@@ -394,11 +394,12 @@ def plan_grid(spec: SweepSpec, train_store: str, log=print, skip: frozenset[str]
     rows = max(s["rows"] for s in manifest.shards)
     device = trial_device(spec)
     budget = memory_budget(spec)  # read once: the plan and the printed budget must agree
-    todo = [p for p in spec.trial_points() if p["trial_key"] not in skip]
+    todo = [p for p in spec.trial_points() if p.trial_key not in skip]
     packs = plan_packs(spec, d=manifest.d, lm=lm, shard_rows=rows, device=device, budget=budget, points=todo)
     estimates = [trial_memory(spec, p, d=manifest.d, lm=lm, shard_rows=rows, device=device) for p in packs]
     log(f"[sweep] {describe_plan(spec, packs, estimates, budget)}")
-    return [{"points": p, "estimated_memory_mb": round(e.peak / MB, 1)} for p, e in zip(packs, estimates, strict=True)]
+    return [{"points": [point.as_config() for point in p], "estimated_memory_mb": round(e.peak / MB, 1)}
+            for p, e in zip(packs, estimates, strict=True)]
 
 
 def _log_frontier(tracker: Tracker, run_id: str, points: pd.DataFrame, frontier: pd.DataFrame, title: str) -> None:

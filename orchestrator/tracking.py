@@ -27,7 +27,7 @@ from ray import tune
 
 from orchestrator.bundle import ERROR_FILE, Phase, phase_of, point_dir
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
-from orchestrator.spec import SweepSpec, is_tracking_server, point_name, points_from_config, sqlite_path
+from orchestrator.spec import SweepSpec, TrialPoint, is_tracking_server, points_from_config, sqlite_path
 from sae.evaluate import CURVE_METHODS, split_curve_key
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR
 from sae.train import METRIC_NAMES, PREFIX_FVU
@@ -380,14 +380,13 @@ class MLflowSweepCallback(tune.Callback):
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
 
-    def _runs_for(self, trial) -> list[tuple[dict[str, Any], str]]:
+    def _runs_for(self, trial) -> list[tuple[TrialPoint, str]]:
         """(point, child run id) for every grid point of the trial (`Tracker.child_run`: one run per point)."""
         if trial.trial_id not in self._runs:
             runs = []
             for point in points_from_config(trial.config, self.spec):
-                params = {k: v for k, v in point.items() if k != "trial_key"}
-                run_id = self.tracker.child_run(self.parent_id, point["trial_key"], tune_trial=trial.trial_id,
-                                                name=point_name(point), params=params)
+                run_id = self.tracker.child_run(self.parent_id, point.trial_key, tune_trial=trial.trial_id,
+                                                name=point.name, params=point.model_dump(mode="json"))
                 history = self.tracker.client.get_metric_history(run_id, "train/loss")
                 self._logged_up_to[run_id] = max((m.step for m in history), default=-1)
                 runs.append((point, run_id))
@@ -404,7 +403,7 @@ class MLflowSweepCallback(tune.Callback):
         for point, run_id in self._runs_for(trial):
             if step <= self._logged_up_to[run_id]:
                 continue  # a trial restarted from a checkpoint re-reports steps this run already has
-            prefix = f"{point['trial_key']}/"
+            prefix = f"{point.trial_key}/"
             own = {k.removeprefix(prefix): v for k, v in result.items() if k.startswith(prefix)}
             metrics = {f"train/{k}": v for k, v in own.items()
                        if k in self.TRAIN_KEYS or k.startswith(self.TRAIN_PREFIXES)}

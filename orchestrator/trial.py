@@ -32,9 +32,8 @@ from ray import tune
 from orchestrator.bundle import ERROR_FILE, PHASE, Phase, point_dir, point_done
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
-from orchestrator.spec import SweepSpec, point_name, points_from_config
+from orchestrator.spec import SweepSpec, TrialPoint, points_from_config
 from sae.checkpoint import load_trainer_state, save_sae, save_trainer_state
-from sae.config import SAEConfig
 from sae.corpus import special_ids
 from sae.evaluate import EvalData, evaluate_progressive, principal_method
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR, SPEC_KEYS, spec_metadata, write_saelens
@@ -130,11 +129,6 @@ def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[
     tune.report(payload, checkpoint=tune.Checkpoint.from_directory(work))
 
 
-def _sae_config(point: dict[str, Any], d: int) -> SAEConfig:
-    return SAEConfig(d_in=d, n_latents=point["n_latents"], k=point["k"], architecture=point["architecture"],
-                     partition=tuple(point["boundaries"]) if point["boundaries"] else None)
-
-
 def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_store: str) -> None:
     """The Tune trainable (wrapped with tune.with_parameters and tune.with_resources by the sweep).
 
@@ -161,7 +155,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         if resumed is not None:
             trainer.load_state_dict(load_trainer_state(work, TRAINER_STATE))
         estimated_mb = float(config.get("pack", {}).get("estimated_memory_mb", float("nan")))
-        _train_and_evaluate(trainer, points, [p["trial_key"] for p in points], spec, device, train_store,
+        _train_and_evaluate(trainer, points, [p.trial_key for p in points], spec, device, train_store,
                             eval_store, work, estimated_mb)
     except DETERMINISTIC_ERRORS as err:
         why = f"{type(err).__name__}: {err}\n\nnot retried: this error repeats on every attempt\n\n" \
@@ -176,19 +170,19 @@ def run_trial(config: dict[str, Any], *, spec_json: str, train_store: str, eval_
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _trainer(spec: SweepSpec, points: list[dict[str, Any]], train_store: str, device: str) -> Trainer:
+def _trainer(spec: SweepSpec, points: list[TrialPoint], train_store: str, device: str) -> Trainer:
     """The pack's Trainer: one member per point, stepped `min(points, cpus)` at a time."""
     cpus = max(1, int(spec.resources.cpus))
     torch.set_num_threads(cpus)
     manifest = read_manifest(train_store)
-    members = [(_sae_config(p, manifest.d), spec.train_config(p, device)) for p in points]
-    if len({p["seed"] for p in points}) != 1:
-        keys = [p["trial_key"] for p in points]
+    members = [(p.sae_config(manifest.d), spec.train_config(p, device)) for p in points]
+    if len({p.seed for p in points}) != 1:
+        keys = [p.trial_key for p in points]
         raise ValueError(f"a pack reads one ordered stream of batches, so its points must share a seed: {keys}")
     return Trainer(members, parallel=min(len(points), cpus), isolate_failures=True)
 
 
-def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: list[str], spec: SweepSpec,
+def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[str], spec: SweepSpec,
                         device: str, train_store: str, eval_store: str, work: Path, estimated_mb: float) -> None:
     t0 = time.perf_counter()
     start, start_tokens = trainer.step, trainer.tokens_seen
@@ -201,7 +195,7 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
             last = [m or old for m, old in zip(metrics, last, strict=True)]
             _report_train(trainer, metrics, keys, spec, work)
 
-        batches = itertools.islice(training_batches(train_store, spec, points[0]["seed"], device), start, None)
+        batches = itertools.islice(training_batches(train_store, spec, points[0].seed, device), start, None)
         if os.environ.get(INJECT_NAN_ENV):
             batches = _faults_after_first_step(batches, trainer, keys)
         trainer.fit(batches, callback=on_report,
@@ -254,7 +248,7 @@ def _train_and_evaluate(trainer: Trainer, points: list[dict[str, Any]], keys: li
             _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
                           {"device": device, "compute_dtype": compute_dtypes[i],
                            "splice_dtype": splice_dtype})
-        tune.report({PHASE: Phase.EVALUATED, "point": point["trial_key"]}, checkpoint=tune.Checkpoint.from_directory(work))
+        tune.report({PHASE: Phase.EVALUATED, "point": point.trial_key}, checkpoint=tune.Checkpoint.from_directory(work))
         _inject_crash()
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
 
@@ -283,18 +277,18 @@ def _faults_after_first_step(batches, trainer: Trainer, keys: list[str]):
         yield batch
 
 
-def _evaluate_point(sae, point: dict[str, Any], spec: SweepSpec, data: EvalData, scorer: SpliceScorer,
+def _evaluate_point(sae, point: TrialPoint, spec: SweepSpec, data: EvalData, scorer: SpliceScorer,
                     sample: list[torch.Tensor]):
     opts = spec.eval.options(spec.granularities())
     ranking = latent_stats(sae, iter(sample))
     report = evaluate_progressive(sae, data, opts, scorer, ranking=ranking,
-                                  progress=lambda msg: print(f"[eval {point_name(point)}] {msg}", flush=True))
+                                  progress=lambda msg: print(f"[eval {point.name}] {msg}", flush=True))
     final = {**report.final,
              "objective_fvu": report.at("fvu", principal_method(sae.cfg.is_matryoshka), spec.objective_granularity())}
     return final, report
 
 
-def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report, final: dict[str, float],
+def _write_bundle(out: Path, sae, point: TrialPoint, spec: SweepSpec, report, final: dict[str, float],
                   resolved: dict[str, str]) -> None:
     """The point's result bundle, written under a temporary name and renamed into place."""
     tmp = out.with_name(out.name + ".partial")
@@ -312,15 +306,15 @@ def _write_bundle(out: Path, sae, point: dict[str, Any], spec: SweepSpec, report
             plot_pruning_curves(rows, metric=metric, log_y=metric == "fvu", title=f"{metric} vs G ({rule} rule)"
                                 ).savefig(tmp / "plots" / f"pruning_{metric}.{rule}.png", dpi=110)
     result = {
-        "final": final, "curves": report.curves, "power_law": report.power_law, "point": point,
+        "final": final, "curves": report.curves, "power_law": report.power_law, "point": point.as_config(),
         "resolved": {"d_in": sae.cfg.d_in, "input_scale": sae.cfg.input_scale, **activations, **resolved,
-                     "lr": spec.train_config(point, resolved["device"]).learning_rate(point["n_latents"])},
+                     "lr": spec.train_config(point, resolved["device"]).learning_rate(point.n_latents)},
     }
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=1))
     tmp.rename(out)
 
 
-def _write_error(work: Path, point: dict[str, Any], why: str) -> None:
+def _write_error(work: Path, point: TrialPoint, why: str) -> None:
     out = point_dir(work, point)
     if (out / ERROR_FILE).exists():
         return
@@ -335,7 +329,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp.rename(path)
 
 
-def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+def _final_report(work: Path, points: list[TrialPoint], spec: SweepSpec) -> dict[str, Any]:
     """The trial's last report: how many points failed, plus (one-point trials, e.g. Optuna's) its objectives."""
     failed = [p for p in points if (point_dir(work, p) / ERROR_FILE).exists()]
     out: dict[str, Any] = {PHASE: Phase.DONE, "points": len(points), "points_failed": len(failed),
@@ -348,10 +342,10 @@ def _final_report(work: Path, points: list[dict[str, Any]], spec: SweepSpec) -> 
     return out
 
 
-def _objectives(final: dict[str, float], spec: SweepSpec, point: dict[str, Any]) -> dict[str, float]:
+def _objectives(final: dict[str, float], spec: SweepSpec, point: TrialPoint) -> dict[str, float]:
     """The two numbers an Optuna study minimises: FVU at the objective G, and dictionary size (or L0); NaN for a
     failed point, which Optuna records as a failed trial."""
     nan = float("nan")
     return {"objective_fvu": final.get("objective_fvu", nan),
-            "objective_size": float(point["n_latents"] if spec.optuna.size_objective == "n_latents"
+            "objective_size": float(point.n_latents if spec.optuna.size_objective == "n_latents"
                                     else final.get("l0", nan))}

@@ -51,7 +51,7 @@ def _bundle(root: Path, sae, spec: SweepSpec | None = None) -> Path:
     spec = spec or _spec()
     c = sae.cfg
     point = make_point(c.n_latents, c.k, c.architecture, list(c.partition) if c.partition else None, 0)
-    out = root / "points" / point["trial_key"]
+    out = root / "points" / point.trial_key
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_bundle(out, sae, point, spec, EvalReport(), {"fvu": 0.25}, {"device": "cpu", "compute_dtype": "float32"})
     return out

@@ -97,7 +97,7 @@ def test_driver_killed_then_resumed_gives_one_finished_run_per_point(tmp_path, i
     trials = _children(uri, spec.experiment_name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.data.tags["sae_frontier.point_key"] for r in trials) == \
-        sorted(p["trial_key"] for p in spec.trial_points())  # exactly one run per grid point
+        sorted(p.trial_key for p in spec.trial_points())  # exactly one run per grid point
     assert all(r.info.status == "FINISHED" for r in trials)
     for r in trials:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
@@ -137,7 +137,7 @@ def test_two_sweeps_of_one_spec_at_once_share_one_harvest_and_keep_their_own_run
         assert parent.info.status == "FINISHED"
         runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted(r.data.tags["sae_frontier.point_key"] for r in runs) == \
-            sorted(p["trial_key"] for p in spec.trial_points())
+            sorted(p.trial_key for p in spec.trial_points())
 
 
 def test_trial_worker_killed_mid_training_is_retried_from_its_checkpoint(tmp_path):
@@ -169,7 +169,7 @@ def test_trial_worker_killed_mid_training_is_retried_from_its_checkpoint(tmp_pat
     spec = load_spec("smoke")
     trials = _children(f"sqlite:///{tmp_path}/mlflow.db", spec.experiment_name)
     assert sorted(r.data.tags["sae_frontier.point_key"] for r in trials) == \
-        sorted(p["trial_key"] for p in spec.trial_points())
+        sorted(p.trial_key for p in spec.trial_points())
     tokens_per_report = raw["train"]["batch_size"] * raw["train"]["report_every_steps"]
     for r in trials:
         assert r.info.status == "FINISHED" and "train_final/fvu" in r.data.metrics

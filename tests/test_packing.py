@@ -28,16 +28,16 @@ def spec_with(**resources):
 
 
 def keys(packs):
-    return [[(p["n_latents"], p["partition"], p["seed"]) for p in pack] for pack in packs]
+    return [[(p.n_latents, p.partition, p.seed) for p in pack] for pack in packs]
 
 
 def test_packs_never_mix_seeds_and_keep_grid_order():
     spec = spec_with(pack=3)
     packs = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1 << 40)
     assert [len(p) for p in packs] == [3, 1, 3, 1]
-    assert all(len({p["seed"] for p in pack}) == 1 for pack in packs)
-    assert [p["trial_key"] for pack in packs for p in pack] == [
-        p["trial_key"] for p in sorted(spec.trial_points(), key=lambda p: p["seed"])]
+    assert all(len({p.seed for p in pack}) == 1 for pack in packs)
+    assert [p.trial_key for pack in packs for p in pack] == [
+        p.trial_key for p in sorted(spec.trial_points(), key=lambda p: p.seed)]
     one = plan_packs(spec_with(pack=1), d=64, lm=LM, shard_rows=512, budget=1 << 40)
     assert [len(p) for p in one] == [1] * 8
 
@@ -59,10 +59,10 @@ def test_auto_fills_each_trial_up_to_the_memory_budget():
     budget = (two + three) // 2
     packs = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=budget)
     assert len(packs[0]) == 2 and sum(map(len, packs)) == 8
-    seeds = [p["seed"] for p in spec.trial_points()]
+    seeds = [p.seed for p in spec.trial_points()]
     for pack, following in zip(packs, packs[1:], strict=False):
         assert len(pack) == 1 or trial_memory(spec, pack, d=64, lm=LM, shard_rows=512).peak <= budget
-        if following[0]["seed"] == pack[0]["seed"]:  # the next point of the seed did not fit
+        if following[0].seed == pack[0].seed:  # the next point of the seed did not fit
             assert trial_memory(spec, [*pack, following[0]], d=64, lm=LM, shard_rows=512).peak > budget
     assert seeds.count(0) == 4
     alone = plan_packs(spec, d=64, lm=LM, shard_rows=512, budget=1)  # nothing fits: one point per trial still runs
@@ -75,7 +75,7 @@ def test_auto_fills_each_trial_up_to_the_memory_budget():
 def test_memory_estimate_grows_with_the_dictionary_and_the_lm():
     spec = spec_with()
     small, big = spec.trial_points()[0], spec.trial_points()[4]
-    assert small["n_latents"] == 128 and big["n_latents"] == 256
+    assert small.n_latents == 128 and big.n_latents == 256
     a = trial_memory(spec, [small], d=64, lm=LM, shard_rows=512)
     b = trial_memory(spec, [big], d=64, lm=LM, shard_rows=512)
     assert b.train > a.train
@@ -116,10 +116,10 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
     unpacked = load_spec("smoke", {**over, "experiment": "unpacked"})
     packed = load_spec("smoke", {**over, "experiment": "packed",
                                  "resources": {"cpus": 2, "max_concurrent": 1, "pack": 4}})
-    poisoned = next(p for p in packed.trial_points() if p["n_latents"] == 256 and p["partition"] == "none")
+    poisoned = next(p for p in packed.trial_points() if p.n_latents == 256 and p.partition == "none")
     base = run_sweep(unpacked)
     ray.shutdown()  # Ray's workers inherit the environment of the Ray that starts next
-    os.environ[INJECT_NAN_ENV] = poisoned["trial_key"]
+    os.environ[INJECT_NAN_ENV] = poisoned.trial_key
     try:
         with pytest.raises(PointsFailed, match="1 grid point") as failed:
             run_sweep(packed)
@@ -132,8 +132,8 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
                                 "tags.`sae_frontier.kind` = 'sweep'")[0]
     assert parent.info.status == "FAILED" and parent.data.metrics["trials_failed"] == 1
     runs = _finals(uri, "packed", parent.info.run_id)
-    assert set(runs) == {p["trial_key"] for p in packed.trial_points()}
-    bad = runs.pop(poisoned["trial_key"])
+    assert set(runs) == {p.trial_key for p in packed.trial_points()}
+    bad = runs.pop(poisoned.trial_key)
     assert bad.info.status == "FAILED" and "loss is" in bad.data.tags[ERROR_TAG]
     # one line per failed point, and the frontier of the three that finished
     assert len(failed.value.failures) == 1 and failed.value.failures[0].startswith(f"{bad.info.run_name}: ")
@@ -170,7 +170,7 @@ def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, 
     uri = spec.resolved_tracking_uri()
     client = MlflowClient(uri)
     runs = _finals(uri, "crashed", outcome.parent_run_id)
-    assert set(runs) == {p["trial_key"] for p in spec.trial_points()}
+    assert set(runs) == {p.trial_key for p in spec.trial_points()}
     ends = []
     for run in runs.values():
         m = run.data.metrics
@@ -206,7 +206,7 @@ def test_a_corrupt_shard_fails_its_points_at_once_without_retries(home, tmp_path
     parent = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("corrupt").experiment_id],
                                            "tags.`sae_frontier.kind` = 'sweep'")[0]
     runs = _finals(uri, "corrupt", parent.info.run_id)
-    assert set(runs) == {p["trial_key"] for p in spec.trial_points()}
+    assert set(runs) == {p.trial_key for p in spec.trial_points()}
     for run in runs.values():
         tag = run.data.tags[ERROR_TAG]
         assert run.info.status == "FAILED" and tag.startswith("ShardError: shard ") and shard.name in tag

@@ -22,17 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_shipped_specs_validate(name):
     spec = load_spec(name)
     points = spec.trial_points()
-    assert len(points) == len({p["trial_key"] for p in points})
+    assert len(points) == len({p.trial_key for p in points})
     gs = spec.granularities()
     assert gs == sorted(gs) and max(spec.grid.n_latents) in gs
     for p in points:  # every Matryoshka boundary is an evaluated G, so prefix curves line up with pruned ones
-        assert set(p["boundaries"] or []) <= set(gs)
+        assert set(p.boundaries or []) <= set(gs)
 
 
 def test_paper_spec_is_the_papers_grid():
     spec = load_spec("paper")
     assert spec.grid.n_latents == [2**14, 2**15, 2**16] and spec.grid.k == [64, 128, 256, 512]
-    assert {p["partition"] for p in spec.trial_points()} == {"none", "doubling:3"}
+    assert {p.partition for p in spec.trial_points()} == {"none", "doubling:3"}
 
 
 @pytest.mark.parametrize(
@@ -238,7 +238,7 @@ def test_the_train_section_is_the_librarys_settings():
     run = spec.train_config(spec.trial_points()[0], "cpu")
     assert isinstance(run, TrainConfig)
     assert (run.eps, run.betas, run.threshold_momentum, run.lr_end) == (1e-8, (0.9, 0.95), 0.9, 0.1)
-    assert run.total_tokens == spec.train_tokens * spec.train.epochs and run.seed == spec.trial_points()[0]["seed"]
+    assert run.total_tokens == spec.train_tokens * spec.train.epochs and run.seed == spec.trial_points()[0].seed
     with pytest.raises(SpecError, match="train.eps: Input should be greater than 0"):
         spec_from_dict(smoke_dict(train={"eps": 0.0}))
     with pytest.raises(SpecError, match="train.warmup_steps: Input should be a valid integer"):
@@ -286,3 +286,22 @@ def test_every_spec_field_says_what_it_is():
     by_name = {dotted: default for dotted, default, _ in rows}
     assert by_name["train.warmup_steps"] == "100" and by_name["grid.n_latents"] == "required"
     assert {"eval.splice_dtype", "train.lr_end", "harvest.num_actors", "optuna.seed"} <= set(by_name)
+
+
+def test_trial_points_are_typed_and_keep_their_keys():
+    """A grid point is a frozen TrialPoint; its key is the one runs and bundles were matched by before (pinned),
+    and the plain dict a Tune config or result.json carries reads back to the same point."""
+    from orchestrator.spec import TrialPoint
+
+    points = load_spec("default").trial_points()
+    assert [p.trial_key for p in points] == ["4d6ea2fe3504", "366447748e9e", "e61ee3d3c8e4", "62e6c4d1f97f"]
+    mat = points[1]
+    assert mat.name == "n1024-k32-topk-doubling:smallest=64-s0" and mat.boundaries == (64, 128, 256, 512, 1024)
+    assert mat.sae_config(576).partition == (64, 128, 256, 512, 1024)
+    config = mat.as_config()
+    assert config["boundaries"] == [64, 128, 256, 512, 1024] and config["trial_key"] == mat.trial_key
+    assert TrialPoint.from_config(config) == mat
+    with pytest.raises(ValueError, match="does not match its coordinates"):
+        TrialPoint.from_config({**config, "seed": 1})
+    with pytest.raises(Exception, match="frozen"):
+        mat.seed = 1

@@ -23,7 +23,7 @@ from test_saelens import read_saelens, saelens_forward
 from orchestrator.frontier import CRITERIA, progressive_points
 from orchestrator.report import make_report
 from orchestrator.search import OBJECTIVES, optuna_storage_url, study_name
-from orchestrator.spec import load_spec, point_name
+from orchestrator.spec import load_spec
 from orchestrator.sweep import compare, run_sweep
 from orchestrator.tracking import PARENT_TAG, Tracker
 from sae.checkpoint import load_sae
@@ -71,7 +71,7 @@ def test_every_grid_point_is_a_child_run_with_curves_and_artifacts(grid_sweep, t
     assert parent.data.params["activations_key"] and parent.data.params["scoring_rule_primary"] == "masked"
 
     runs = children(client, spec, outcome.parent_run_id)
-    expected = {(p["n_latents"], p["k"], p["architecture"], p["partition"], p["seed"]) for p in spec.trial_points()}
+    expected = {(p.n_latents, p.k, p.architecture, p.partition, p.seed) for p in spec.trial_points()}
     got = {(int(r.data.params["n_latents"]), int(r.data.params["k"]), r.data.params["architecture"],
             r.data.params["partition"], int(r.data.params["seed"])) for r in runs}
     assert len(runs) == len(expected) and got == expected
@@ -176,7 +176,7 @@ def assert_quiet_log(out: str, spec) -> None:
     """A sweep's output into a pipe (a log, not a terminal): Tune's status table names each trial by its grid
     point (not by its pack dict cut to its last 20 characters); neither Ray Data nor a trial's LM load prints
     progress."""
-    names = {point_name(p) for p in spec.trial_points()}
+    names = {p.name for p in spec.trial_points()}
     rows = status_table_rows(out)
     assert rows, out[-3000:]
     for row in rows:
