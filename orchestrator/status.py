@@ -23,6 +23,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
 
+from orchestrator.bundle import DoneReport
 from orchestrator.packing import pack_name
 from orchestrator.spec import TrialPoint
 
@@ -46,9 +47,11 @@ def completion_line(trial: Trial) -> str:
     """`Trial <name> completed after N iterations in T s: P points, F failed; fvu=... l0=...` (the metrics of a
     one-point trial; a pack's points each have their MLflow run)."""
     r = trial.last_result or {}
+    done = DoneReport.from_tune(r)
     out = (f"Trial {trial} completed after {r.get('training_iteration', 0)} iterations in "
-           f"{r.get('time_total_s', 0.0):.0f} s: {r.get('points', '?')} points, {r.get('points_failed', 0)} failed")
-    shown = [f"{m}={r[m]:.4g}" for m in SUMMARY_METRICS if isinstance(r.get(m), int | float)]
+           f"{r.get('time_total_s', 0.0):.0f} s: " + (f"{done.points} points, {done.points_failed} failed"
+                                                     if done else "? points, 0 failed"))
+    shown = [f"{m}={done.final[m]:.4g}" for m in SUMMARY_METRICS if done and m in done.final]
     return out + ("; " + " ".join(shown) if shown else "")
 
 

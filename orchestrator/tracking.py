@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from orchestrator.bundle import ERROR_FILE, Phase, phase_of, point_dir
+from orchestrator.bundle import ERROR_FILE, Phase, TrainReport, phase_of, point_dir
 from orchestrator.frontier import ACTIVATION_FIELDS as ACTIVATION_PARAMS
 from orchestrator.spec import SweepSpec, TrialPoint, is_tracking_server, points_from_config, sqlite_path
 from sae.evaluate import CURVE_METHODS, split_curve_key
@@ -399,13 +399,13 @@ class MLflowSweepCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if phase_of(result) is not Phase.TRAIN:
             return
-        step = int(result["tokens_seen"])
-        for point, run_id in self._runs_for(trial):
+        runs = self._runs_for(trial)
+        report = TrainReport.from_tune(result, [point.trial_key for point, _ in runs])
+        step = report.tokens_seen
+        for point, run_id in runs:
             if step <= self._logged_up_to[run_id]:
                 continue  # a trial restarted from a checkpoint re-reports steps this run already has
-            prefix = f"{point.trial_key}/"
-            own = {k.removeprefix(prefix): v for k, v in result.items() if k.startswith(prefix)}
-            metrics = {f"train/{k}": v for k, v in own.items()
+            metrics = {f"train/{k}": v for k, v in report.metrics[point.trial_key].items()
                        if k in self.TRAIN_KEYS or k.startswith(self.TRAIN_PREFIXES)}
             if metrics:  # a point whose SAE stopped (non-finite loss) reports nothing more
                 self.tracker.log_metrics(run_id, metrics, step=step)

@@ -29,7 +29,7 @@ import ray
 import torch
 from ray import tune
 
-from orchestrator.bundle import ERROR_FILE, PHASE, Phase, point_dir, point_done
+from orchestrator.bundle import ERROR_FILE, DoneReport, EvaluatedReport, TrainReport, point_dir, point_done
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, TrialPoint, points_from_config
@@ -119,9 +119,7 @@ def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[
     checkpoint = trainer.step % spec.train.checkpoint_every_steps == 0
     if not checkpoint and trainer.step % spec.train.report_every_steps:
         return
-    payload = {PHASE: Phase.TRAIN, "tokens_seen": trainer.tokens_seen, "step": trainer.step}
-    for key, m in zip(keys, metrics, strict=True):
-        payload.update({f"{key}/{name}": float(v) for name, v in m.items()})
+    payload = TrainReport(trainer.tokens_seen, trainer.step, dict(zip(keys, metrics, strict=True))).to_tune()
     if not checkpoint:
         tune.report(payload)
         return
@@ -248,7 +246,7 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
             _write_bundle(point_dir(work, point), saes[i], point, spec, report, final,
                           {"device": device, "compute_dtype": compute_dtypes[i],
                            "splice_dtype": splice_dtype})
-        tune.report({PHASE: Phase.EVALUATED, "point": point.trial_key}, checkpoint=tune.Checkpoint.from_directory(work))
+        tune.report(EvaluatedReport(point.trial_key).to_tune(), checkpoint=tune.Checkpoint.from_directory(work))
         _inject_crash()
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
 
@@ -332,14 +330,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _final_report(work: Path, points: list[TrialPoint], spec: SweepSpec) -> dict[str, Any]:
     """The trial's last report: how many points failed, plus (one-point trials, e.g. Optuna's) its objectives."""
     failed = [p for p in points if (point_dir(work, p) / ERROR_FILE).exists()]
-    out: dict[str, Any] = {PHASE: Phase.DONE, "points": len(points), "points_failed": len(failed),
-                           "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it, on a cluster
+    final: dict[str, float] = {}
     if len(points) == 1:
-        final = ({} if failed else
-                 json.loads((point_dir(work, points[0]) / RESULT_FILE).read_text())["final"])
-        out.update(final)
-        out.update(_objectives(final, spec, points[0]))
-    return out
+        final = {} if failed else json.loads((point_dir(work, points[0]) / RESULT_FILE).read_text())["final"]
+        final = {**final, **_objectives(final, spec, points[0])}
+    return DoneReport(len(points), len(failed), ray.get_runtime_context().get_node_id(), final).to_tune()
 
 
 def _objectives(final: dict[str, float], spec: SweepSpec, point: TrialPoint) -> dict[str, float]:
