@@ -189,7 +189,7 @@ def check_memory(spec: SweepSpec, info: ModelInfo, node: NodeCapacity) -> Memory
         est = trial_memory(spec, pack, d=info.d_model, lm=info, shard_rows=rows, device=device)
         if device == "cpu" or spec.resources.memory_gb is not None:
             if est.peak > limit:
-                names = ", ".join(f"n_latents={p['n_latents']} k={p['k']}" for p in pack)
+                names = ", ".join(f"n_latents={p.n_latents} k={p.k}" for p in pack)
                 where = "resources.memory_gb" if spec.resources.memory_gb is not None else f"the largest node {node.where}"
                 raise SpecError(f"grid: a trial of {len(pack)} point(s) ({names}) needs about {est.peak / GB:.1f} GB "
                                 f"(training {est.train / GB:.1f} GB, evaluation {est.eval / GB:.1f} GB) but "
