@@ -35,7 +35,7 @@ from sae.train import METRIC_NAMES, PREFIX_FVU
 SWEEP_KEY_TAG = "sae_frontier.sweep_key"
 TUNE_TRIAL_TAG = "sae_frontier.tune_trial"  # the Tune trial that last ran the point (information only)
 ERROR_TAG = "sae_frontier.error"  # why a point's run FAILED
-POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.trial_key): a child run's identity
+POINT_KEY_TAG = "sae_frontier.point_key"  # the grid point (orchestrator.spec.TrialPoint.trial_key): a child run's identity
 SPEC_HASH_TAG = "sae_frontier.spec_hash"
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "sae_frontier.kind"  # "sweep" on a parent run, "trial" on a child run

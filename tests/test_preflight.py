@@ -160,6 +160,8 @@ def test_cli_refuses_each_fault_in_seconds_and_writes_nothing(tmp_path, fault):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[0].startswith(f"error: {needle}"), proc.stderr[-2000:]  # one line
-    assert seconds < 15
+    # refused before any work: Ray never starts and nothing is written (below); the time bound only has to tell
+    # that from a harvest (minutes). Importing and checking takes ~8 s on the idle 2-core box, 20-25 s loaded
+    assert seconds < 60
     assert "ray" not in proc.stdout.lower()  # Ray never started
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "spec.yaml"]  # nothing written
