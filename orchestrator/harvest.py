@@ -36,17 +36,12 @@ from pydantic import Field, field_validator, model_validator
 from orchestrator.lease import Lease, acquire
 from orchestrator.progress import Progress
 from orchestrator.shards import (
-    MANIFEST,
     PLAN,
     STORAGE_DTYPES,
     Manifest,
-    exists,
-    read_bytes,
-    read_json,
+    ShardStore,
     shard_name,
     sidecar_name,
-    storage_fs,
-    write_atomic,
     write_manifest,
     write_shard,
 )
@@ -124,7 +119,7 @@ class HarvestConfig(ActivationSource):
 class _HarvestActor:
     """Holds the LM; turns one shard of contexts into a written shard file and returns its sidecar."""
 
-    def __init__(self, cfg_json: str, store: str, labels: list[str], device: str, threads: int):
+    def __init__(self, cfg_json: str, store: ShardStore, labels: list[str], device: str, threads: int):
         import transformers
 
         torch.set_num_threads(threads)
@@ -169,27 +164,14 @@ class _HarvestActor:
                            first_context, n_ctx, extra={"forward_seconds": forward_seconds})
 
 
-def _complete(fs: Any, path: str) -> Manifest | None:
-    """The manifest if the store is complete (every listed shard present with its recorded size)."""
-    mpath = f"{path}/{MANIFEST}"
-    if not exists(fs, mpath):
+def _verified_sidecar(store: ShardStore, index: int) -> dict[str, Any] | None:
+    """The sidecar of a shard whose file is there and matches its recorded sha256, else None (it is rerun)."""
+    side, shard = sidecar_name(index), shard_name(index)
+    if not (store.has(side) and store.has(shard)):
         return None
-    m = Manifest(**read_json(fs, mpath))
-    for s in m.shards:
-        info = fs.get_file_info(f"{path}/{s['name']}")
-        if info.size != s["bytes"]:
-            log.warning("store %s: shard %s is missing or resized; re-harvesting it", path, s["name"])
-            return None
-    return m
-
-
-def _verified_sidecar(fs: Any, path: str, index: int) -> dict[str, Any] | None:
-    side, shard = f"{path}/{sidecar_name(index)}", f"{path}/{shard_name(index)}"
-    if not (exists(fs, side) and exists(fs, shard)):
-        return None
-    info = read_json(fs, side)
-    if hashlib.sha256(read_bytes(fs, shard)).hexdigest() != info["sha256"]:
-        log.warning("shard %s fails its checksum; recomputing it", shard)
+    info = store.read_json(side)
+    if hashlib.sha256(store.read_bytes(shard)).hexdigest() != info["sha256"]:
+        log.warning("shard %s fails its checksum; recomputing it", store.file(shard))
         return None
     return info
 
@@ -207,24 +189,21 @@ def _resources(cfg: HarvestConfig) -> tuple[float, float, int, str]:
     return gpus, cpus, threads, "cuda" if gpus > 0 else "cpu"
 
 
-def _plan(cfg: HarvestConfig, fs: Any, path: str, n_contexts: int) -> int:
+def _plan(cfg: HarvestConfig, store: ShardStore, n_contexts: int) -> int:
     """Contexts per shard: fixed by the first attempt (plan.json) so a resume cuts the same shards."""
-    ppath = f"{path}/{PLAN}"
-    if exists(fs, ppath):
-        plan = read_json(fs, ppath)
+    if store.has(PLAN):
+        plan = store.read_json(PLAN)
         if plan.get("n_contexts") == n_contexts:
             return int(plan["contexts_per_shard"])
     per = max(1, cfg.shard_rows // (cfg.context_length - 1))
-    fs.create_dir(path, recursive=True)
-    write_atomic(fs, ppath, json.dumps({"n_contexts": n_contexts, "contexts_per_shard": per,
+    store.write(PLAN, json.dumps({"n_contexts": n_contexts, "contexts_per_shard": per,
                                         "config": cfg.model_dump()}, indent=1).encode())
     return per
 
 
 def store_complete(cfg: HarvestConfig) -> bool:
     """Whether the store of this config is already complete (a harvest would only reuse it)."""
-    fs, root = storage_fs(cfg.storage)
-    return _complete(fs, f"{root.rstrip('/')}/{cfg.key()}") is not None
+    return ShardStore.at(cfg.storage, cfg.key()).complete() is not None
 
 
 def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
@@ -233,38 +212,36 @@ def harvest(cfg: HarvestConfig, *, progress: bool = True) -> str:
     A complete store is returned without touching the LM; an interrupted one resumes from its verified shards.
     While another process harvests the same key, this one waits for it and then returns its store.
     """
-    fs, root = storage_fs(cfg.storage)
     key = cfg.key()
-    path = f"{root.rstrip('/')}/{key}"
-    store = f"{cfg.storage.rstrip('/')}/{key}" if "://" in cfg.storage else path
-    if _complete(fs, path) is not None:
+    store = ShardStore.at(cfg.storage, key)
+    if store.complete() is not None:
         log.info("harvest %s: reusing complete store %s", key, store)
-        return store
+        return store.uri
     info = describe_model(cfg.model, revision=cfg.revision)
     check_site(cfg.site, info.n_layers, cfg.model)
-    with acquire(fs, f"{path}.lock", label=f"harvest {key}") as lease:
-        if _complete(fs, path) is not None:  # the holder we waited for finished it
+    with acquire(store.fs, store.lock_path, label=f"harvest {key}") as lease:
+        if store.complete() is not None:  # the holder we waited for finished it
             print(f"harvest {key}: reusing complete store {store}, harvested meanwhile by another process",
                   flush=True)
-            return store
-        _harvest_held(cfg, fs, path, store, key, info, lease, progress)
-    return store
+            return store.uri
+        _harvest_held(cfg, store, info, lease, progress)
+    return store.uri
 
 
-def _remove_stale_temps(fs: Any, path: str, lease: Lease) -> None:
+def _remove_stale_temps(store: ShardStore, lease: Lease) -> None:
     """Delete the `.tmp-*` leftovers of writes cut short, but only those no live writer can still be writing:
     older than a lease, or left by the holder whose lapsed lease this one took over. Called before this
     holder's own writes start, so a fresh temp file is another process's write in progress."""
     cutoff = lease.stale_before()
-    for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+    for f in store.fs.get_file_info(pafs.FileSelector(store.path, allow_not_found=True)):
         if f.base_name.startswith(".tmp-") and f.mtime_ns is not None and f.mtime_ns / 1e9 < cutoff:
             log.info("removing stale temp file %s", f.path)
-            fs.delete_file(f.path)
+            store.fs.delete_file(f.path)
 
 
-def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, info: Any, lease: Lease,
-                  progress: bool) -> None:
+def _harvest_held(cfg: HarvestConfig, store: ShardStore, info: Any, lease: Lease, progress: bool) -> None:
     """The harvest proper, run while holding the key's lease."""
+    key = cfg.key()
     t_start = time.perf_counter()
     from sae.corpus import load_corpus, tokenize_contexts
 
@@ -273,17 +250,17 @@ def _harvest_held(cfg: HarvestConfig, fs: Any, path: str, store: str, key: str, 
     ctx = tokenize_contexts(corpus, load_tokenizer(cfg.model, revision=cfg.revision),
                             context_length=cfg.context_length, max_tokens=cfg.tokens, split=cfg.split,
                             eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    per = _plan(cfg, fs, path, len(ctx))
+    per = _plan(cfg, store, len(ctx))
     n_shards = math.ceil(len(ctx) / per)
     labels = sorted(set(ctx.doc_labels.values()))
     plan = _ShardPlan(ctx, per, labels, {d: labels.index(lab) for d, lab in ctx.doc_labels.items()})
-    _remove_stale_temps(fs, path, lease)
-    done = {i: s for i in range(n_shards) if (s := _verified_sidecar(fs, path, i)) is not None}
+    _remove_stale_temps(store, lease)
+    done = {i: s for i in range(n_shards) if (s := _verified_sidecar(store, i)) is not None}
     todo = [i for i in range(n_shards) if i not in done]
     log.info("harvest %s: %d contexts in %d shards, %d already complete, %d to run",
              key, len(ctx), n_shards, len(done), len(todo))
     if todo:
-        _run_actors(cfg, store, path, plan, todo, done, progress)
+        _run_actors(cfg, store, plan, todo, done, progress)
     shards = [done[i] for i in range(n_shards)]
     total = sum(s["rows"] for s in shards)
     if total != cfg.tokens:
@@ -322,7 +299,7 @@ class _ShardPlan:
         return items
 
 
-def _run_actors(cfg: HarvestConfig, store: str, path: str, plan: _ShardPlan, todo: list[int],
+def _run_actors(cfg: HarvestConfig, store: ShardStore, plan: _ShardPlan, todo: list[int],
                 done: dict[int, dict[str, Any]], progress: bool) -> None:
     import ray
     import ray.data
@@ -347,11 +324,10 @@ def _run_actors(cfg: HarvestConfig, store: str, path: str, plan: _ShardPlan, tod
                                    "device": device, "threads": threads})
     finally:
         data_ctx.enable_progress_bars = old_bars
-    fs = storage_fs(store)[0]
     with Progress(cfg.tokens, initial=sum(s["rows"] for s in done.values()), enabled=progress,
                   desc=f"harvest {cfg.site} {cfg.split}") as bar:
         for row in ds.iter_rows():
             i = int(row["index"])
-            done[i] = read_json(fs, f"{path}/{sidecar_name(i)}")
+            done[i] = store.read_json(sidecar_name(i))
             bar.update(int(row["rows"]))
             log.debug("shard %d: %d rows in %.2fs", i, int(row["rows"]), float(row["seconds"]))

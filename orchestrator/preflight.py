@@ -84,7 +84,7 @@ def check_model_and_corpus(spec: SweepSpec) -> ModelInfo:
 
 def planned_store_bytes(spec: SweepSpec, d: int) -> int:
     """Bytes the train and eval shards will take (0 when both stores already exist: nothing to harvest)."""
-    from orchestrator.shards import exists, storage_fs
+    from orchestrator.shards import MANIFEST, ShardStore
     from orchestrator.sweep import harvest_config
 
     act_bytes = 4 if spec.activation_dtype == "float32" else 2
@@ -92,8 +92,7 @@ def planned_store_bytes(spec: SweepSpec, d: int) -> int:
     root = Path(resolve_path(spec.storage))
     if "://" in spec.storage or not root.is_dir():
         return need
-    fs, path = storage_fs(str(root))
-    done = all(exists(fs, f"{path}/{harvest_config(spec, split).key()}/manifest.json") for split in ("train", "eval"))
+    done = all(ShardStore.at(str(root), harvest_config(spec, split).key()).has(MANIFEST) for split in ("train", "eval"))
     return 0 if done else need
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 RECORD_COLUMNS = ("act", "token_id", "context_id", "position", "doc_id", "label")
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -122,6 +124,82 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     return value
 
 
+class ShardStore:
+    """One store, `<storage>/<key>`: the URI that names it (what a user reads and what travels to trials) and
+    the pyarrow filesystem and path every read and write goes through, resolved once from that URI. Pickles as
+    its URI, so a Ray actor or Tune trial reopens the same store on its own node."""
+
+    def __init__(self, uri: str | ShardStore):
+        uri = uri.uri if isinstance(uri, ShardStore) else str(uri)
+        self.fs, self.path = storage_fs(uri)
+        self.uri = uri.rstrip("/") if "://" in uri else self.path  # a local store is named by its absolute path
+
+    @classmethod
+    def at(cls, storage: str, key: str) -> ShardStore:
+        """The store of `key` under the storage root `storage` (a local folder or a URI)."""
+        return cls(f"{str(storage).rstrip('/')}/{key}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ShardStore, (self.uri,)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"ShardStore({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShardStore) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    @property
+    def lock_path(self) -> str:
+        """The harvest lease beside the store (orchestrator/lease.py)."""
+        return f"{self.path}.lock"
+
+    def file(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def has(self, name: str) -> bool:
+        return exists(self.fs, self.file(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        return read_bytes(self.fs, self.file(name))
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        return read_json(self.fs, self.file(name))
+
+    def write(self, name: str, data: bytes) -> None:
+        """Atomically (temp name, then rename), creating the store's folder if needed."""
+        self.fs.create_dir(self.path, recursive=True)
+        write_atomic(self.fs, self.file(name), data)
+
+    def manifest(self) -> Manifest:
+        """The manifest of a complete store; a missing or foreign-format one raises ShardError with the fix."""
+        if not self.has(MANIFEST):
+            raise ShardError(f"store {self} has no {MANIFEST}: the harvest is missing or unfinished; run harvest(cfg) "
+                             f"(it resumes from the complete shards)")
+        raw = self.read_json(MANIFEST)
+        if raw.get("format") != FORMAT_VERSION:
+            raise ShardError(f"store {self} has manifest format {raw.get('format')}, this code reads "
+                             f"{FORMAT_VERSION}; delete {self} and rerun the harvest")
+        return Manifest(**raw)
+
+    def complete(self) -> Manifest | None:
+        """The manifest if the store is complete: the manifest is there and every shard it lists has its recorded
+        size (a cheap check, no hashing; readers verify each shard's sha256 as they load it)."""
+        if not self.has(MANIFEST):
+            return None
+        m = self.manifest()
+        for s in m.shards:
+            if self.fs.get_file_info(self.file(s["name"])).size != s["bytes"]:
+                log.warning("store %s: shard %s is missing or resized; it will be re-harvested", self, s["name"])
+                return None
+        return m
+
+
 def encode_shard(act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray], labels: Sequence[str],
                  label_idx: np.ndarray) -> bytes:
     """Parquet bytes of one shard. act [n, d] is already in the storage dtype; bf16 is stored as its uint16 bits
@@ -139,28 +217,26 @@ def encode_shard(act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray], 
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(store: str, index: int, act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray],
+def write_shard(store: str | ShardStore, index: int, act: torch.Tensor, dtype: str, columns: dict[str, np.ndarray],
                 labels: Sequence[str], label_idx: np.ndarray, first_context: int, n_contexts: int,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write shard `index` and then its sidecar (both atomically; `extra` goes into the sidecar, e.g. timings);
     return the sidecar dict."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-    fs, path = storage_fs(store)
+    store = ShardStore(store)
     data = encode_shard(act.to(getattr(torch, dtype)), dtype, columns, labels, label_idx)
     info = {"name": shard_name(index), "index": index, "rows": int(act.shape[0]), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "norm_sum": float(act.float().norm(dim=1).double().sum()),
             "first_context": first_context, "n_contexts": n_contexts, **(extra or {})}
-    fs.create_dir(path, recursive=True)
-    write_atomic(fs, _join(path, info["name"]), data)
-    write_atomic(fs, _join(path, sidecar_name(index)), json.dumps(info).encode())
+    store.write(info["name"], data)
+    store.write(sidecar_name(index), json.dumps(info).encode())
     return info
 
 
-def write_manifest(store: str, manifest: Manifest) -> None:
+def write_manifest(store: str | ShardStore, manifest: Manifest) -> None:
     """Written last: its presence marks the store complete."""
-    fs, path = storage_fs(store)
-    write_atomic(fs, _join(path, MANIFEST), manifest.to_json().encode())
+    ShardStore(store).write(MANIFEST, manifest.to_json().encode())
 
 
 def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
@@ -174,33 +250,24 @@ def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
         return torch.from_numpy(values).view(-1, d)
 
 
-def read_manifest(store: str) -> Manifest:
-    fs, path = storage_fs(store)
-    mpath = _join(path, MANIFEST)
-    if not exists(fs, mpath):
-        raise ShardError(f"store {store} has no {MANIFEST}: the harvest is missing or unfinished; run harvest(cfg) "
-                         f"(it resumes from the complete shards)")
-    raw = read_json(fs, mpath)
-    if raw.get("format") != FORMAT_VERSION:
-        raise ShardError(f"store {store} has manifest format {raw.get('format')}, this code reads {FORMAT_VERSION}; "
-                         f"delete {store} and rerun the harvest")
-    return Manifest(**raw)
+def read_manifest(store: str | ShardStore) -> Manifest:
+    return ShardStore(store).manifest()
 
 
-def _fix_hint(store: str, shard_path: str) -> str:
+def _fix_hint(store: ShardStore, shard_path: str) -> str:
     return (f"Re-harvest it: delete {shard_path} and rerun the harvest with the same config (only missing shards "
             f"are recomputed), or delete the whole store {store} to start over.")
 
 
-def load_shard(store: str, manifest: Manifest, index: int, columns: Sequence[str] = RECORD_COLUMNS,
+def load_shard(store: str | ShardStore, manifest: Manifest, index: int, columns: Sequence[str] = RECORD_COLUMNS,
                verify: bool = True) -> dict[str, torch.Tensor]:
     """One shard as tensors (act in the storage dtype; label as an index into manifest.labels), checked
     against the manifest's sha256, row count and d."""
-    fs, path = storage_fs(store)
+    store = ShardStore(store)
     info = manifest.shards[index]
-    spath = _join(path, info["name"])
+    spath = store.file(info["name"])
     try:
-        data = read_bytes(fs, spath)
+        data = store.read_bytes(info["name"])
     except (FileNotFoundError, OSError) as e:
         raise ShardError(f"shard {spath} is missing ({e}). {_fix_hint(store, spath)}") from e
     if verify:
@@ -234,9 +301,10 @@ def load_shard(store: str, manifest: Manifest, index: int, columns: Sequence[str
     return out
 
 
-def verify_store(store: str) -> None:
+def verify_store(store: str | ShardStore) -> None:
     """Check every shard's sha256, rows and width against the manifest; raise ShardError naming the first bad one."""
-    m = read_manifest(store)
+    store = ShardStore(store)
+    m = store.manifest()
     for i in range(len(m.shards)):
         load_shard(store, m, i, columns=("act",))
     total = sum(s["rows"] for s in m.shards)
@@ -245,7 +313,7 @@ def verify_store(store: str) -> None:
                          f"{store} and rerun the harvest")
 
 
-def _stream(store: str, batch_size: int, columns: Sequence[str], shuffle: bool, seed: int, epochs: int,
+def _stream(store: ShardStore, batch_size: int, columns: Sequence[str], shuffle: bool, seed: int, epochs: int,
             buffer_shards: int, drop_last: bool, verify: bool) -> Iterator[dict[str, torch.Tensor]]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -254,7 +322,7 @@ def _stream(store: str, batch_size: int, columns: Sequence[str], shuffle: bool, 
     bad = [c for c in columns if c not in RECORD_COLUMNS]
     if bad or not columns:
         raise ValueError(f"columns must be a non-empty subset of {RECORD_COLUMNS}, got {tuple(columns)}")
-    m = read_manifest(store)
+    m = store.manifest()
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         order = list(range(len(m.shards)))
@@ -278,7 +346,7 @@ def _stream(store: str, batch_size: int, columns: Sequence[str], shuffle: bool, 
             yield carry
 
 
-def iter_batches(store: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+def iter_batches(store: str | ShardStore, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", epochs: int = 1,
                  columns: Sequence[str] = ("act",), buffer_shards: int = 4, drop_last: bool = False,
                  verify: bool = True) -> Iterator[Any]:
@@ -286,7 +354,7 @@ def iter_batches(store: str, batch_size: int, *, shuffle: bool = True, seed: int
     `buffer_shards` shards (shard order also shuffled per epoch), so memory is about buffer_shards shards however
     large the store. Each epoch ends with its remainder batch (< B rows) unless drop_last. Every shard's sha256
     and shape are checked as it loads (verify=False skips the hash). With several columns, yields dicts."""
-    for batch in _stream(store, batch_size, tuple(columns), shuffle, seed, epochs, buffer_shards, drop_last, verify):
+    for batch in _stream(ShardStore(store), batch_size, tuple(columns), shuffle, seed, epochs, buffer_shards, drop_last, verify):
         if "act" in batch:
             batch["act"] = batch["act"].to(device=device, dtype=dtype)
         if len(columns) == 1:
@@ -295,11 +363,12 @@ def iter_batches(store: str, batch_size: int, *, shuffle: bool = True, seed: int
             yield {k: v.to(device) for k, v in batch.items()}
 
 
-def iter_records(store: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+def iter_records(store: str | ShardStore, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  dtype: torch.dtype = torch.float32, buffer_shards: int = 4) -> Iterator[dict[str, Any]]:
     """Every column, in store order by default: act [B, d] (`dtype`); token_id, context_id, position, doc_id,
     label_id (index into read_manifest(store).labels) as [B] int64 tensors; label as a list of B strings."""
-    names = read_manifest(store).labels
+    store = ShardStore(store)
+    names = store.manifest().labels
     for batch in _stream(store, batch_size, RECORD_COLUMNS, shuffle, seed, 1, buffer_shards, False, True):
         batch["act"] = batch["act"].to(dtype)
         batch["label_id"] = batch.pop("label")

@@ -131,3 +131,27 @@ def test_bad_arguments(tmp_path):
         next(iter_batches(store, 4, columns=("activations",)))
     with pytest.raises(ValueError, match="dtype must be one of"):
         write_shard(store, 5, act[:2], "float64", {}, LABELS, np.zeros(2, np.int32), 0, 1)
+
+
+def test_shard_store_names_one_store_by_uri_and_travels_as_it(tmp_path):
+    """ShardStore owns the filesystem, path and URI: a local store is named by its absolute path (so two
+    spellings are one store), a URI keeps its scheme, and a pickled store (what a Ray actor receives) reopens
+    the same files."""
+    import pickle
+
+    (tmp_path / "root").mkdir()
+    path, _ = make_store(tmp_path / "root" / "key")
+    store = shards.ShardStore.at(str(tmp_path / "root" / ".." / "root"), "key")
+    assert store.uri == str((tmp_path / "root" / "key").resolve()) and store == shards.ShardStore(path)
+    assert store.complete() is not None and store.has(shards.MANIFEST) and not store.has("nothing.json")
+    assert store.lock_path == f"{store.path}.lock"
+    again = pickle.loads(pickle.dumps(store))
+    assert again == store and again.manifest() == read_manifest(path)
+    assert shards.ShardStore("mock://bucket/sweeps/key/").uri == "mock://bucket/sweeps/key"
+
+    first = store.manifest().shards[0]["name"]
+    (tmp_path / "root" / "key" / first).write_bytes(b"cut")  # resized: no longer complete, nothing raised
+    assert store.complete() is None
+    (tmp_path / "root" / "key" / shards.MANIFEST).unlink()
+    with pytest.raises(ShardError, match="no manifest.json.*run harvest"):
+        store.manifest()
