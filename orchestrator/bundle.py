@@ -90,7 +90,7 @@ class DoneReport:
     points: int
     points_failed: int
     node_id: str  # the Ray node that ran the trial
-    final: Mapping[str, float] = field(default_factory=dict)  # read back from Tune: with Tune's own counters
+    final: Mapping[str, float] = field(default_factory=dict)  # the trial's metrics (Tune's own counters left out)
 
     def to_tune(self) -> dict[str, Any]:
         return {**self.final, PHASE: Phase.DONE, "points": self.points, "points_failed": self.points_failed,
@@ -101,6 +101,8 @@ class DoneReport:
         """The last report of a finished trial, or None for any other result."""
         if phase_of(result) is not Phase.DONE:
             return None
-        fixed = {PHASE, "points", "points_failed", "node_id"}
+        from ray.tune.result import AUTO_RESULT_KEYS, DONE
+
+        fixed = {PHASE, "points", "points_failed", "node_id", DONE, *AUTO_RESULT_KEYS}
         return cls(int(result["points"]), int(result["points_failed"]), str(result.get("node_id", "")),
                    {k: v for k, v in result.items() if k not in fixed and isinstance(v, int | float)})

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from orchestrator.spec import SweepSpec, TrialPoint
 from sae.lm import ModelInfo
 from sae.splice import LOSS_CHUNK_ELEMS
-from sae.train import AUXK_DENSE_MIN_DENSITY, resolve_compute_dtype
+from sae.train import AUXK_DENSE_MIN_DENSITY
 
 MB = 1 << 20
 # A trial process with torch, transformers, pyarrow and a Ray worker loaded, before any big tensor (measured on
@@ -76,9 +76,7 @@ def trial_memory(spec: SweepSpec, points: list[TrialPoint], *, d: int, lm: Model
     shards = 0 if device == "cuda" else BUFFER_SHARDS * shard_rows * d * (act_bytes + 4)
     train = base + shards + sum(sae_state_bytes(d, p.n_latents) for p in points) + sum(steps[:parallel])
 
-    splice = spec.eval.splice_dtype  # the evaluation's LM (a GPU the driver cannot see is taken to run bf16)
-    splice = "bfloat16" if splice == "auto" and device == "cuda" else resolve_compute_dtype(splice, device)
-    lm_dtype_bytes = 4 if splice == "float32" else 2
+    lm_dtype_bytes = 4 if spec.eval.splice_dtype_on(device) == "float32" else 2  # the evaluation's LM
     # loading holds the checkpoint's tensors and the model's at once (measured: +1.13 GB for SmolLM2's 0.54 GB)
     lm_bytes = lm.n_params * lm_dtype_bytes * (1 if device == "cuda" else 2)
     length = spec.eval.splice_length or spec.context_length

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic_core
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +27,7 @@ from sae.lm import site_from_name
 from sae.matryoshka import partition_label, resolve_partition
 from sae.messages import name_list
 from sae.source import ActivationSource
+from sae.train import resolve_compute_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO_ROOT / "sweeps" / "specs"
@@ -129,6 +131,14 @@ class EvalSpec(EvalSettings):
             raise ValueError(f"eval.rules must include {PRIMARY_RULE!r}, the primary rule the frontier, the undertrained "
                              f"gate and the report read; got {list(self.rules)}")
         return self
+
+    def splice_dtype_on(self, device: str) -> str:
+        """The dtype the splice's LM runs in on `device`, "auto" decided (the trial loads it so, the memory
+        estimate counts it so). A GPU this process cannot see, as when the driver plans a cluster's trials, is
+        taken to run bf16."""
+        if self.splice_dtype == "auto" and device == "cuda" and not torch.cuda.is_available():
+            return "bfloat16"
+        return resolve_compute_dtype(self.splice_dtype, device)
 
     def options(self, granularities: list[int]) -> EvalOptions:
         """The library's EvalOptions for these settings at these G."""

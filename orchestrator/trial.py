@@ -41,7 +41,7 @@ from sae.importance import latent_stats
 from sae.lm import load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
-from sae.train import Trainer, resolve_compute_dtype
+from sae.train import Trainer
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
@@ -213,10 +213,10 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
     saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
 
     t1 = time.perf_counter()
-    splice_dtype = resolve_compute_dtype(spec.eval.splice_dtype, device)
     if todo:
         import transformers
 
+        splice_dtype = spec.eval.splice_dtype_on(device)
         # a trial's output reaches the driver through Ray's log lines, where a "Loading weights" bar is just noise
         transformers.utils.logging.disable_progress_bar()
         data, positions = load_eval_data(eval_store, spec)

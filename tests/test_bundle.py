@@ -17,8 +17,9 @@ def test_train_report_keeps_each_points_metrics_apart():
 def test_done_report_puts_a_one_point_trials_numbers_at_the_top_level():
     flat = DoneReport(points=1, points_failed=0, node_id="n1", final={"fvu": 0.05, "objective_fvu": 0.1}).to_tune()
     assert flat["objective_fvu"] == 0.1 and flat[PHASE] == Phase.DONE  # where Optuna's searcher reads it
-    back = DoneReport.from_tune({**flat, "time_total_s": 12.0})
+    back = DoneReport.from_tune({**flat, "time_total_s": 12.0, "training_iteration": 9, "pid": 7, "done": True})
     assert (back.points, back.points_failed, back.node_id, back.final["fvu"]) == (1, 0, "n1", 0.05)
+    assert dict(back.final) == {"fvu": 0.05, "objective_fvu": 0.1}  # Tune's own counters are not the trial's metrics
     assert DoneReport.from_tune(EvaluatedReport("aaa").to_tune()) is None
     assert DoneReport.from_tune(None) is None
     nan = DoneReport(1, 1, "n1", {"objective_fvu": float("nan")}).to_tune()  # a failed point: Optuna sees NaN
