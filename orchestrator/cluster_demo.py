@@ -127,16 +127,18 @@ def _spawn(stack: ExitStack, args: list[str], env: dict[str, str], log: Path) ->
     out = log.open("w")
     proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     stack.callback(out.close)
-    stack.callback(_stop, proc)
+    stack.callback(stop_process, proc)
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server we started, and kill it if it has not exited within 30 s."""
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
 def _ray(args: list[str], env: dict[str, str], timeout: float = 180) -> str:

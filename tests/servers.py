@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.cluster_demo import free_port  # noqa: F401 - the one free-port finder, re-exported for tests
+from orchestrator.cluster_demo import free_port, stop_process  # noqa: F401 - free_port: the one free-port finder, re-exported for tests
 
 
 def get_json(url: str, data: dict | None = None) -> Any:
@@ -44,9 +44,4 @@ def serving(cmd: list, probe: str, *, timeout: float = 120, **popen) -> Iterator
                 time.sleep(0.5)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
