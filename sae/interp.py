@@ -145,27 +145,63 @@ def _anova_f(x: Tensor, y: Tensor, n_classes: int) -> Tensor:
     return torch.where(between > 0, f, torch.zeros_like(f))
 
 
-def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
-    """L-BFGS on a tiny problem ([examples, k_features]) on one thread: extra OpenMP threads only add overhead
-    (10x slower on a shared CPU); the process's thread count is restored afterwards."""
-    w = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
+def _fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int = 100,
+                  tol: float = 1e-9) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression, mean cross-entropy + l2 * |w|^2 (bias unpenalised), by Newton's method
+    with a backtracking line search. A probe is tiny ([examples, k_features + 1] x classes parameters) and
+    strictly convex in w, so a few exact-Hessian steps reach the optimum that L-BFGS approached in about 60
+    Python-level loss evaluations (20x the time). Runs on one thread: extra OpenMP threads only add overhead on
+    tensors this small (10x slower on a shared CPU); the process's thread count is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.enable_grad():
-            opt.step(closure)
+        return _newton_logistic(x, y, n_classes, l2, max_iter, tol)
     finally:
         torch.set_num_threads(threads)
-    return w.detach(), b.detach()
+
+
+def _newton_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int,
+                     tol: float) -> tuple[Tensor, Tensor]:
+    n, f = x.shape
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)  # the last row of theta is the bias
+    onehot = F.one_hot(y, n_classes).to(x.dtype)
+    penalised = torch.ones(f + 1, 1, dtype=x.dtype)
+    penalised[-1] = 0.0
+    eye = torch.eye(n_classes, dtype=x.dtype)
+    # softmax is unchanged by adding one constant to every class's bias: the Hessian is singular along that
+    # direction (the gradient has no part in it), which a tiny ridge makes solvable without moving the optimum
+    ridge = (2 * l2 * penalised.expand(f + 1, n_classes).reshape(-1) + 1e-10).diag()
+    theta = torch.zeros(f + 1, n_classes, dtype=x.dtype)
+
+    def loss(th: Tensor) -> Tensor:
+        logits = xa @ th
+        return (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).mean() \
+            + l2 * (th[:-1] ** 2).sum()
+
+    current = loss(theta)
+    for _ in range(max_iter):
+        p = torch.softmax(xa @ theta, 1)
+        grad = xa.T @ (p - onehot) / n + 2 * l2 * penalised * theta
+        if float(grad.abs().max()) < tol:
+            break
+        # Hessian over theta flattened as (feature, class): sum_i (diag(p_i) - p_i p_i^T) (x) x_i x_i^T / n
+        xp = (xa[:, :, None] * p[:, None, :]).reshape(n, -1)
+        hess = -(xp.T @ xp) / n
+        blocks = torch.einsum("ia,ib,ic->acb", xa, xa, p) / n  # the diag(p_i) part, one block per class
+        hess = (hess.view(f + 1, n_classes, f + 1, n_classes) + blocks[..., None] * eye[None, :, None, :]
+                ).reshape(hess.shape) + ridge
+        step = torch.linalg.solve(hess, grad.reshape(-1)).view_as(theta)
+        slope = float((grad * step).sum())
+        t = 1.0
+        while True:  # Armijo backtracking: a full Newton step can overshoot far from the optimum
+            trial = loss(theta - t * step)
+            if float(trial) <= float(current) - 1e-4 * t * slope or t < 1e-10:
+                break
+            t *= 0.5
+        if not float(trial) < float(current):
+            break  # no step lowers the loss further: at the optimum to rounding
+        theta, current = theta - t * step, trial
+    return theta[:-1], theta[-1]
 
 
 def _as_latents(latents: Tensor | Sequence[int], name: str = "latents") -> Tensor:
