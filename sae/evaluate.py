@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,9 +32,15 @@ from torch import Tensor
 
 from sae.importance import LatentStats, PowerLawFit, decoder_spectrum, fit_power_law
 from sae.interp import concat_codes, firing_frequency, group_latents, proxy_report, token_concentration
-from sae.metrics import ReconstructionAccumulator, RSAReference, batch_moments, linear_cka_from_grams
+from sae.metrics import (
+    BatchMoments,
+    ReconstructionAccumulator,
+    RSAReference,
+    batch_moments,
+    linear_cka_from_grams,
+)
 from sae.model import evaluating, sparse_decode
-from sae.prune import RULES, nested_reselect_codes, order_latents, reduced_code
+from sae.prune import RULES, nested_masked_residuals, nested_reselect_codes, order_latents, reduced_code
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
 PRIMARY_RULE = "masked"
@@ -217,16 +223,19 @@ def _code(sae, r: _Reduced | None, pre: Tensor, vals: Tensor, idx: Tensor) -> tu
     return reduced_code(sae, pre, vals, idx, r.kept, r.rule, r.mask)
 
 
-def _reselect_curves(sae, reduced: list[_Reduced]) -> list[list[_Reduced]]:
-    """The `reselect` items of each (method, draw) of a TopK SAE, smallest G first: their kept sets are prefixes
-    of one order, so `nested_reselect_codes` finds all their codes in one pass."""
-    if sae.cfg.architecture != "topk":
-        return []
+def _nested_curves(reduced: list[_Reduced], rule: str) -> list[list[_Reduced]]:
+    """The items of `rule` grouped by (method, draw), smallest G first: their kept sets are prefixes of one order,
+    so one pass scores a whole curve (`nested_reselect_codes`, `nested_masked_residuals`)."""
     curves: dict[tuple[str, int], list[_Reduced]] = {}
     for r in reduced:
-        if r.rule == "reselect":
+        if r.rule == rule:
             curves.setdefault((r.method, r.draw), []).append(r)
     return [sorted(c, key=lambda r: r.g) for c in curves.values()]
+
+
+def _reselect_curves(sae, reduced: list[_Reduced]) -> list[list[_Reduced]]:
+    """The `reselect` curves of a TopK SAE (BatchTopK's reselect code is per item: its threshold)."""
+    return _nested_curves(reduced, "reselect") if sae.cfg.architecture == "topk" else []
 
 
 def _encode_full(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -247,6 +256,28 @@ def _reconstructor(sae, r: _Reduced | None) -> Callable[[Tensor], Tensor]:
     return reconstruct
 
 
+class _Batch(NamedTuple):
+    """One eval batch's side of every reconstruction's metrics."""
+
+    xc_n: Tensor  # the normalised x minus b_dec: the SAE's own units
+    xc: Tensor  # the raw x minus the eval mean (CKA's centring shift)
+    moments: BatchMoments
+    shift: Tensor
+    to_raw: float  # 1 / input_scale
+    b_dec: Tensor
+
+    def account(self, r: _Reduced, v: Tensor, i: Tensor, residual: Tensor) -> None:
+        """Add this batch to r's metrics, from its code (v, i) and its residual x - x_hat in the SAE's units."""
+        r.acc.update_residual(residual, v, moments=self.moments, to_raw=self.to_raw)
+        if r.rule != "masked":  # a masked code fires where the full one does, on its kept latents (_score_all)
+            r.fired[i[v > 0]] = True
+        if r.grams is not None:
+            xhc = (self.xc_n - residual + self.b_dec) * self.to_raw - self.shift
+            r.grams[0] += (xhc.T @ xhc).double()
+            r.grams[1] += (xhc.T @ self.xc).double()
+            r.grams[2] += xhc.sum(0).double()
+
+
 @torch.no_grad()
 def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
                ) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
@@ -264,7 +295,7 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     items = [full, *reduced]
-    curves = _reselect_curves(sae, reduced)
+    reselect, masked = _reselect_curves(sae, reduced), _nested_curves(reduced, "masked")
     for r in items:
         if r is full or r.method in detailed:
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
@@ -281,20 +312,20 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
         xc = x - shift
         gram_x += (xc.T @ xc).double()
         sum_x += xc.sum(0).double()  # float32 sums of centred values (cascade summation): ~1e-7 relative
-        codes = {id(r): code for curve in curves
+        batch = _Batch(xc_n, xc, moments, shift, to_raw, sae.b_dec)
+        full_residual = xc_n - sparse_decode(vals, idx, sae.W_dec)
+        batch.account(full, vals, idx, full_residual)
+        for curve in masked:
+            residuals = nested_masked_residuals(sae.W_dec, full_residual, vals, idx, [r.kept for r in curve], n)
+            for r, residual in zip(curve, residuals, strict=True):
+                batch.account(r, *_code(sae, r, pre, vals, idx), residual)
+        codes = {id(r): code for curve in reselect
                  for r, code in zip(curve, nested_reselect_codes(sae, pre, [r.kept for r in curve], vals.dtype),
                                     strict=True)}
-        for r in items:
-            v, i = codes[id(r)] if id(r) in codes else _code(sae, r, pre, vals, idx)
-            partial = sparse_decode(v, i, sae.W_dec)  # the reconstruction in normalised units, minus b_dec
-            r.acc.update_residual(xc_n - partial, v, moments=moments, to_raw=to_raw)
-            if r.rule != "masked":  # a masked code fires where the full one does, on its kept latents (below)
-                r.fired[i[v > 0]] = True
-            if r.grams is not None:
-                xhc = (partial + sae.b_dec).float() * to_raw - shift
-                r.grams[0] += (xhc.T @ xhc).double()
-                r.grams[1] += (xhc.T @ xc).double()
-                r.grams[2] += xhc.sum(0).double()
+        for r in reduced:
+            if r.rule != "masked":
+                v, i = codes[id(r)] if id(r) in codes else _code(sae, r, pre, vals, idx)
+                batch.account(r, v, i, xc_n - sparse_decode(v, i, sae.W_dec))
     n_tok = data.acts.shape[0]
     sample = _sample(n_tok, opts.rsa_tokens, opts.random_seed)
     x_s = data.acts[sample].to(device).float()

@@ -21,11 +21,14 @@ changes, because SAEConfig needs 0 < k < n_latents:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
 from sae.config import SAEConfig
 from sae.importance import LatentStats
+from sae.model import sparse_decode
 
 ORDERINGS = ("ez2", "freq", "random")  # importance orderings for a vanilla SAE (claim 3)
 MEASURES = (*ORDERINGS, "prefix")  # "prefix" = identity order, the natural one for a Matryoshka SAE
@@ -165,3 +168,35 @@ def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch
             i = i.gather(1, j)
         out.append((v.to(dtype).clamp_min(0), i))
     return out
+
+
+def nested_masked_residuals(W_dec: Tensor, residual: Tensor, vals: Tensor, idx: Tensor, prefixes: list[Tensor],
+                            n_latents: int) -> list[Tensor]:
+    """The `masked` residuals (x - x_hat, in the units of `residual`) of nested kept sets (`order[:G]` for
+    increasing G), from the full code's residual: masking drops the code's entries outside the kept set, so each
+    residual is the next larger set's plus the decode of the entries in the band between them. Every entry is
+    decoded once per curve, where decoding each masked code whole costs one full decode per G.
+
+    residual: the full SAE's x - x_hat [B, d]; vals/idx: its code [B, w]. Returns the residuals in the order of
+    `prefixes`. Equal to decoding `reduced_code(..., "masked")` to float32 rounding (tests check this)."""
+    for small, big in itertools.pairwise(prefixes):
+        if big.numel() <= small.numel() or not torch.equal(big[: small.numel()], small):
+            raise ValueError(f"each kept set must extend the one before it (a prefix of one order), got sizes "
+                             f"{[p.numel() for p in prefixes]}")
+    if not prefixes:
+        return []
+    largest = prefixes[-1]
+    rank = torch.full((n_latents,), n_latents, dtype=torch.long, device=idx.device)
+    rank[largest] = torch.arange(largest.numel(), device=idx.device)
+    entry_rank = rank[idx]
+    out: list[Tensor] = []
+    upper = n_latents + 1
+    for kept in reversed(prefixes):
+        band = (entry_rank >= kept.numel()) & (entry_rank < upper) & (vals != 0)
+        counts = band.sum(1)
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        residual = residual + sparse_decode(vals[band], idx[band], W_dec, offsets)
+        out.append(residual)
+        upper = kept.numel()
+    return out[::-1]

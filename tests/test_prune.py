@@ -6,10 +6,11 @@ from synthetic import batches, make_planted
 
 from sae.config import SAEConfig, TrainConfig
 from sae.importance import LatentStats, fit_power_law, latent_stats
-from sae.model import SparseAutoencoder
+from sae.model import SparseAutoencoder, sparse_decode
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.prune import (
     RULES,
+    nested_masked_residuals,
     nested_reselect_codes,
     order_latents,
     prefix_sae,
@@ -193,3 +194,26 @@ def test_nested_reselect_codes_equal_one_search_per_G():
         nested_reselect_codes(sae, pre, [order[:9], order[1:20]], vals.dtype)
     with pytest.raises(ValueError, match="must extend the one before it"):
         nested_reselect_codes(sae, pre, [order[:9], order[:9]], vals.dtype)
+
+
+def test_nested_masked_residuals_equal_decoding_each_masked_code():
+    """Band by band from the full residual, each G's masked residual equals x - decode(masked code) to float32
+    rounding, for a TopK and a BatchTopK SAE (whose codes carry zero padding); a G = n set's is the full residual,
+    and sets that are not prefixes of one order are refused."""
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(5))
+    gs = [1, 5, 9, 40, 41, 200, 256]
+    for arch in ("topk", "batchtopk"):
+        sae = SparseAutoencoder.from_config(SAEConfig(d_in=16, n_latents=256, k=8, architecture=arch), seed=3).eval()
+        with torch.no_grad():
+            xc_n, pre = sae.pre_activations(sae.normalise(x))
+            vals, idx = sae.select(pre)
+            full = xc_n - sparse_decode(vals, idx, sae.W_dec)
+            got = nested_masked_residuals(sae.W_dec, full, vals, idx, [order[:g] for g in gs], 256)
+            for g, residual in zip(gs, got, strict=True):
+                v, i = reduced_code(sae, pre, vals, idx, order[:g], "masked")
+                expect = xc_n - sparse_decode(v, i, sae.W_dec)
+                assert torch.allclose(residual, expect, atol=1e-5), (arch, g)
+            assert torch.equal(got[-1], full)
+    with pytest.raises(ValueError, match="prefix of one order"):
+        nested_masked_residuals(sae.W_dec, full, vals, idx, [order[:9], order[1:40]], 256)
