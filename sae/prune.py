@@ -170,6 +170,7 @@ def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch
     return out
 
 
+@torch.no_grad()
 def nested_masked_residuals(W_dec: Tensor, residual: Tensor, vals: Tensor, idx: Tensor, prefixes: list[Tensor],
                             n_latents: int) -> list[Tensor]:
     """The `masked` residuals (x - x_hat, in the units of `residual`) of nested kept sets (`order[:G]` for
