@@ -129,8 +129,8 @@ class ShardStore:
     the pyarrow filesystem and path every read and write goes through, resolved once from that URI. Pickles as
     its URI, so a Ray actor or Tune trial reopens the same store on its own node."""
 
-    def __init__(self, uri: str | ShardStore):
-        uri = uri.uri if isinstance(uri, ShardStore) else str(uri)
+    def __init__(self, uri: str):
+        uri = str(uri)
         self.fs, self.path = storage_fs(uri)
         self.uri = uri.rstrip("/") if "://" in uri else self.path  # a local store is named by its absolute path
 
@@ -138,6 +138,11 @@ class ShardStore:
     def at(cls, storage: str, key: str) -> ShardStore:
         """The store of `key` under the storage root `storage` (a local folder or a URI)."""
         return cls(f"{str(storage).rstrip('/')}/{key}")
+
+    @classmethod
+    def of(cls, store: str | ShardStore) -> ShardStore:
+        """`store` itself when it is one already (its filesystem stays open), else the store its URI names."""
+        return store if isinstance(store, ShardStore) else cls(store)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return ShardStore, (self.uri,)
@@ -224,7 +229,7 @@ def write_shard(store: str | ShardStore, index: int, act: torch.Tensor, dtype: s
     return the sidecar dict."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-    store = ShardStore(store)
+    store = ShardStore.of(store)
     data = encode_shard(act.to(getattr(torch, dtype)), dtype, columns, labels, label_idx)
     info = {"name": shard_name(index), "index": index, "rows": int(act.shape[0]), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "norm_sum": float(act.float().norm(dim=1).double().sum()),
@@ -236,7 +241,7 @@ def write_shard(store: str | ShardStore, index: int, act: torch.Tensor, dtype: s
 
 def write_manifest(store: str | ShardStore, manifest: Manifest) -> None:
     """Written last: its presence marks the store complete."""
-    ShardStore(store).write(MANIFEST, manifest.to_json().encode())
+    ShardStore.of(store).write(MANIFEST, manifest.to_json().encode())
 
 
 def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
@@ -251,7 +256,7 @@ def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
 
 
 def read_manifest(store: str | ShardStore) -> Manifest:
-    return ShardStore(store).manifest()
+    return ShardStore.of(store).manifest()
 
 
 def _fix_hint(store: ShardStore, shard_path: str) -> str:
@@ -263,7 +268,7 @@ def load_shard(store: str | ShardStore, manifest: Manifest, index: int, columns:
                verify: bool = True) -> dict[str, torch.Tensor]:
     """One shard as tensors (act in the storage dtype; label as an index into manifest.labels), checked
     against the manifest's sha256, row count and d."""
-    store = ShardStore(store)
+    store = ShardStore.of(store)
     info = manifest.shards[index]
     spath = store.file(info["name"])
     try:
@@ -303,7 +308,7 @@ def load_shard(store: str | ShardStore, manifest: Manifest, index: int, columns:
 
 def verify_store(store: str | ShardStore) -> None:
     """Check every shard's sha256, rows and width against the manifest; raise ShardError naming the first bad one."""
-    store = ShardStore(store)
+    store = ShardStore.of(store)
     m = store.manifest()
     for i in range(len(m.shards)):
         load_shard(store, m, i, columns=("act",))
@@ -354,7 +359,8 @@ def iter_batches(store: str | ShardStore, batch_size: int, *, shuffle: bool = Tr
     `buffer_shards` shards (shard order also shuffled per epoch), so memory is about buffer_shards shards however
     large the store. Each epoch ends with its remainder batch (< B rows) unless drop_last. Every shard's sha256
     and shape are checked as it loads (verify=False skips the hash). With several columns, yields dicts."""
-    for batch in _stream(ShardStore(store), batch_size, tuple(columns), shuffle, seed, epochs, buffer_shards, drop_last, verify):
+    for batch in _stream(ShardStore.of(store), batch_size, tuple(columns), shuffle, seed, epochs, buffer_shards,
+                         drop_last, verify):
         if "act" in batch:
             batch["act"] = batch["act"].to(device=device, dtype=dtype)
         if len(columns) == 1:
@@ -367,7 +373,7 @@ def iter_records(store: str | ShardStore, batch_size: int, *, shuffle: bool = Fa
                  dtype: torch.dtype = torch.float32, buffer_shards: int = 4) -> Iterator[dict[str, Any]]:
     """Every column, in store order by default: act [B, d] (`dtype`); token_id, context_id, position, doc_id,
     label_id (index into read_manifest(store).labels) as [B] int64 tensors; label as a list of B strings."""
-    store = ShardStore(store)
+    store = ShardStore.of(store)
     names = store.manifest().labels
     for batch in _stream(store, batch_size, RECORD_COLUMNS, shuffle, seed, 1, buffer_shards, False, True):
         batch["act"] = batch["act"].to(dtype)

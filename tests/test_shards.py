@@ -145,6 +145,7 @@ def test_shard_store_names_one_store_by_uri_and_travels_as_it(tmp_path):
     assert store.uri == str((tmp_path / "root" / "key").resolve()) and store == shards.ShardStore(path)
     assert store.complete() is not None and store.has(shards.MANIFEST) and not store.has("nothing.json")
     assert store.lock_path == f"{store.path}.lock"
+    assert shards.ShardStore.of(store) is store and shards.ShardStore.of(path) == store  # an open store is reused
     again = pickle.loads(pickle.dumps(store))
     assert again == store and again.manifest() == read_manifest(path)
     assert shards.ShardStore("mock://bucket/sweeps/key/").uri == "mock://bucket/sweeps/key"
