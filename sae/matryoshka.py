@@ -8,6 +8,7 @@ sum, so its cost stays close to a vanilla decode instead of G dense decodes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -140,7 +141,15 @@ def partition_label(spec: None | str | Sequence[int] | Mapping) -> str:
     return ",".join(str(int(v)) for v in spec)
 
 
-def group_partials(values: Tensor, indices: Tensor, W_dec: Tensor, boundaries: Sequence[int]) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A step's small constant (group bounds, weights) copied to the device once: a blocking host-to-device
+    copy in every step would wait for the GPU's queue. Read-only: callers share it."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def group_partials(values: Tensor, indices: Tensor, W_dec: Tensor, boundaries: Sequence[int], *,
+                   sync_free: bool = False) -> Tensor:
     """[B, G, d]: per token, sum_j values_j W_dec[indices_j] over the active latents of each group only.
 
     Sorting each token's active latents by index puts each group's members next to each other (groups are
@@ -149,15 +158,15 @@ def group_partials(values: Tensor, indices: Tensor, W_dec: Tensor, boundaries: S
     B, k = indices.shape
     G = len(boundaries)
     if G == 1:
-        return sparse_decode(values, indices, W_dec)[:, None, :]
+        return sparse_decode(values, indices, W_dec, sync_free=sync_free)[:, None, :]
     idx_sorted, order = indices.sort(dim=1)
     vals_sorted = values.gather(1, order)
-    bounds = torch.as_tensor(boundaries, device=indices.device, dtype=indices.dtype)
+    bounds = _constant(tuple(boundaries), indices.device, indices.dtype)
     gid = torch.bucketize(idx_sorted, bounds, right=True)  # group of each latent: m_{g-1} <= i < m_g
-    bags = (torch.arange(B, device=indices.device)[:, None] * G + gid).reshape(-1)
-    counts = torch.bincount(bags, minlength=B * G)
-    offsets = counts.cumsum(0) - counts
-    out = sparse_decode(vals_sorted.reshape(-1), idx_sorted.reshape(-1), W_dec, offsets, bags)
+    bags = (torch.arange(B, device=indices.device)[:, None] * G + gid).reshape(-1)  # non-decreasing
+    # each bag's first entry; a search rather than bincount, whose output size the host reads on a GPU
+    offsets = torch.searchsorted(bags, torch.arange(B * G, device=bags.device, dtype=bags.dtype))
+    out = sparse_decode(vals_sorted.reshape(-1), idx_sorted.reshape(-1), W_dec, offsets, bags, sync_free=sync_free)
     return out.view(B, G, -1)
 
 
@@ -193,17 +202,18 @@ class NestedMSE(torch.autograd.Function):
     def backward(ctx, g_loss, _g_per, _g_full):
         R, weights = ctx.saved_tensors
         B, G, d = R.shape
-        c = (weights * (2.0 / (B * d)) * g_loss).tolist()
+        neg_c = weights * (-2.0 / (B * d)) * g_loss  # stays on the device: .tolist() would be a host sync
         # dP_g = -sum_{i>=g} c_i R_i, written over R from the last group down (one pass per group)
-        R[:, G - 1].mul_(-c[G - 1])
+        R[:, G - 1].mul_(neg_c[G - 1])
         for g in range(G - 2, -1, -1):
-            torch.add(R[:, g + 1], R[:, g], alpha=-c[g], out=R[:, g])
+            torch.addcmul(R[:, g + 1], R[:, g], neg_c[g], out=R[:, g])
         dr0 = R[:, 0].neg() if ctx.needs_input_grad[1] else None
         return R, dr0, None
 
 
 def matryoshka_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-                    boundaries: Sequence[int], weights: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+                    boundaries: Sequence[int], weights: Sequence[float], *, sync_free: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, full reconstruction [B, d], per-prefix MSE [G]) in the space x is given in.
 
     loss = sum_i w_i * mean ||x - (b_dec + sum_{j < m_i} z_j W_dec_j)||^2 / d (per-element mean squared error,
@@ -211,7 +221,7 @@ def matryoshka_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b
     """
     if len(weights) != len(boundaries):
         raise ValueError(f"weights: need one per group ({len(boundaries)}), got {len(weights)}")
-    P = group_partials(values, indices, W_dec, boundaries)
-    w = torch.as_tensor(weights, dtype=P.dtype, device=P.device)
+    P = group_partials(values, indices, W_dec, boundaries, sync_free=sync_free)
+    w = _constant(tuple(weights), P.device, P.dtype)
     loss, per, residual = NestedMSE.apply(P, x - b_dec, w)
     return loss, x - residual, per

@@ -4,6 +4,12 @@ Why the odd shapes: only the encoder matmul is dense. Everything after the TopK 
 latents per token (decode = `embedding_bag` over rows of W_dec; encoder gradients via `SparseEncoderGrad`),
 which is what makes training several times faster than a dense reference at the same n and k.
 
+Host syncs: on a CPU they are free, so the step takes data-dependent shapes where they save work (BatchTopK's
+kept width, AuxK over the dead latents only, COO sparse matmuls, which coalesce). On an accelerator each one
+stalls the pipeline, so a `sync_free` step (`SparseAutoencoder.sync_free`, set by the Trainer) keeps every shape
+fixed: the full BatchTopK width, gradients by index_add_ (`coo_mm(sync_free=True)`), AuxK masked over all
+latents (sae.train). Both give the same numbers up to float rounding (tests/test_sync_free.py).
+
 Spaces: W_dec and b_dec live in *normalised* space (raw x times `cfg.input_scale`, so the mean input norm is
 sqrt(d_in)); `encode` takes raw x and `decode` returns raw x, so a saved SAE maps raw activations to raw.
 """
@@ -56,13 +62,26 @@ def geometric_median(x: Tensor, *, iters: int = 100, tol: float = 1e-6) -> Tenso
     return y
 
 
-def coo_mm(rows: Tensor, cols: Tensor, vals: Tensor, dense: Tensor, n_rows: int) -> Tensor:
+COO_MM_CHUNK_ELEMS = 1 << 25  # gathered [entries, d] elements per index_add_ chunk of the sync-free coo_mm
+
+
+def coo_mm(rows: Tensor, cols: Tensor, vals: Tensor, dense: Tensor, n_rows: int, *, sync_free: bool = False
+           ) -> Tensor:
     """S @ dense for the sparse S [n_rows, dense.shape[0]] with entries vals at (rows, cols); -> [n_rows, d].
 
     This is how every weight gradient here touches only the active latents. Profiled on a 2-core CPU at
     B=4096, d=576, n=4608, k=32 (x^T G): COO sparse.mm 10 ms, CSR 12-14 ms, embedding-bag backward 15 ms,
-    chunked index_add 190 ms, dense matmul 125 ms.
+    chunked index_add 190 ms, dense matmul 125 ms. A COO matmul coalesces its entries first, whose count the
+    host must read; `sync_free` instead adds each entry's scaled row of `dense` into its output row with
+    index_add_ (in chunks of COO_MM_CHUNK_ELEMS gathered elements), shapes fixed, for accelerators.
     """
+    if sync_free:
+        out = dense.new_zeros(n_rows, dense.shape[1])
+        step = max(1, COO_MM_CHUNK_ELEMS // max(1, dense.shape[1]))
+        for s in range(0, rows.numel(), step):
+            e = slice(s, s + step)
+            out.index_add_(0, rows[e], dense.index_select(0, cols[e]) * vals[e, None].to(dense.dtype))
+        return out
     s = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.to(dense.dtype), (n_rows, dense.shape[0]),
                                 check_invariants=False)
     return torch.sparse.mm(s, dense)
@@ -82,24 +101,25 @@ class _DecoderWeightGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, values, rows, bags, W_dec):
+    def forward(ctx, out, values, rows, bags, W_dec, sync_free):
         ctx.save_for_backward(values, rows, bags)
-        ctx.n = W_dec.shape[0]
+        ctx.n, ctx.sync_free = W_dec.shape[0], sync_free
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
         values, rows, bags = ctx.saved_tensors
-        dW = coo_mm(rows, bags, values, grad, ctx.n) if ctx.needs_input_grad[4] else None
-        return grad, None, None, None, dW
+        dW = coo_mm(rows, bags, values, grad, ctx.n, sync_free=ctx.sync_free) if ctx.needs_input_grad[4] else None
+        return grad, None, None, None, dW, None
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, offsets: Tensor | None = None,
-                  bags: Tensor | None = None) -> Tensor:
+                  bags: Tensor | None = None, *, sync_free: bool = False) -> Tensor:
     """sum_j values_j W_dec[indices_j] per bag, B*k*d work forward and backward (no dense decode).
 
     Without offsets the bags are the rows of [B, k] `values`/`indices`; with offsets (1-D inputs) `bags`
-    gives each entry's bag, as for the Matryoshka per-group partial decodes.
+    gives each entry's bag, as for the Matryoshka per-group partial decodes. `sync_free`: the decoder gradient
+    without a host sync (`coo_mm`).
     """
     vals = values.to(W_dec.dtype)
     out = F.embedding_bag(indices, W_dec.detach(), offsets, per_sample_weights=vals, mode="sum")
@@ -107,7 +127,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, offsets: Tenso
         return out
     if bags is None:
         bags = token_ids(indices)
-    return _DecoderWeightGrad.apply(out, vals.detach().reshape(-1), indices.reshape(-1), bags, W_dec)
+    return _DecoderWeightGrad.apply(out, vals.detach().reshape(-1), indices.reshape(-1), bags, W_dec, sync_free)
 
 
 class SparseEncoderGrad(torch.autograd.Function):
@@ -116,11 +136,13 @@ class SparseEncoderGrad(torch.autograd.Function):
     values[b, j] = ReLU(((x - b_dec) W_enc + b_enc)[b, indices[b, j]]) were computed without autograd; here
     d/dW_enc = xc^T G and d/db_enc = sum_b G with G the [B, n] gradient that is non-zero only at the k selected
     (and firing) latents of each token; d/db_dec = -W_enc d/db_enc (no per-token dense product needed).
+    `sync_free`: xc^T G without a host sync (`coo_mm`).
     """
 
     @staticmethod
-    def forward(ctx, values, indices, xc, W_enc, b_enc, b_dec):
+    def forward(ctx, values, indices, xc, W_enc, b_enc, b_dec, sync_free=False):
         ctx.save_for_backward(values, indices, xc, W_enc)
+        ctx.sync_free = sync_free
         return values.clone()
 
     @staticmethod
@@ -131,9 +153,10 @@ class SparseEncoderGrad(torch.autograd.Function):
         db_enc = W_enc.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
         dW_enc = None
         if ctx.needs_input_grad[3]:  # xc^T G = (G^T xc)^T with G^T [n, B] sparse
-            dW_enc = coo_mm(indices.reshape(-1), token_ids(indices), g.reshape(-1), xc, n).t().contiguous()
+            dW_enc = coo_mm(indices.reshape(-1), token_ids(indices), g.reshape(-1), xc, n,
+                            sync_free=ctx.sync_free).t().contiguous()
         db_dec = -(W_enc @ db_enc) if ctx.needs_input_grad[5] else None
-        return None, None, None, dW_enc, db_enc, db_dec
+        return None, None, None, dW_enc, db_enc, db_dec, None
 
 
 class DenseAuxDecode(torch.autograd.Function):
@@ -188,6 +211,7 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.compute_dtype: torch.dtype | None = None  # e.g. bfloat16 for the encoder matmul only
+        self.sync_free = False  # training steps with fixed shapes (no host reads); the Trainer sets it
         self.eval()  # built for inference: BatchTopK's batch-dependent rule applies only while the Trainer steps
 
     @classmethod
@@ -232,7 +256,7 @@ class SparseAutoencoder(torch.nn.Module):
         n_keep = min(self.cfg.k * B, vals.numel())
         cut = vals.reshape(-1).topk(n_keep, sorted=False).values.min()
         keep = vals >= cut
-        width = max(1, int(keep.sum(1).max()))
+        width = cap if self.sync_free else max(1, int(keep.sum(1).max()))  # trimming reads the width
         vals, idx = vals[:, :width], idx[:, :width]
         return torch.where(keep[:, :width], vals, torch.zeros_like(vals)), idx
 
@@ -268,7 +292,7 @@ class SparseAutoencoder(torch.nn.Module):
     # ----- decoder -------------------------------------------------------------------------------------
     def decode_normalised(self, values: Tensor, indices: Tensor) -> Tensor:
         """x_hat in normalised space: b_dec + sum_j values_j W_dec[indices_j] (B*k*d work, no dense decode)."""
-        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+        return sparse_decode(values, indices, self.W_dec, sync_free=self.sync_free) + self.b_dec
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         return self.decode_normalised(values, indices) / self.cfg.input_scale
@@ -286,7 +310,7 @@ class SparseAutoencoder(torch.nn.Module):
         with torch.no_grad():
             xc, pre = self.pre_activations(x_norm)
             vals, idx = self.select(pre)
-        vals = SparseEncoderGrad.apply(vals, idx, xc, self.W_enc, self.b_enc, self.b_dec)
+        vals = SparseEncoderGrad.apply(vals, idx, xc, self.W_enc, self.b_enc, self.b_dec, self.sync_free)
         return vals, idx, xc, pre
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Per step and SAE: one dense encoder matmul, TopK / BatchTopK selection, a sparse decode (vanilla, or the
 Matryoshka per-group partial decodes), optional AuxK on dead latents (sparse, or dense over the dead columns when
-its code is dense enough: `auxk_loss`), sparse encoder gradients (`SparseEncoderGrad`), decoder-gradient
+its code is dense enough: `auxk_loss`; on an accelerator masked over all latents, `auxk_loss_masked`), sparse
+encoder gradients (`SparseEncoderGrad`), decoder-gradient
 projection, Adam, then decoder rows back to unit norm.
 State (weights, Adam moments, dead counters, thresholds, counters) round-trips through `state_dict` so a run
 resumes bit-for-bit on the same CPU (on CUDA, atomic adds in index_add_ and sparse coalescing make runs
@@ -104,6 +105,16 @@ class _Member:
         """Changes on every write to since_fired (autograd's version counter) or when it is replaced."""
         return id(self.since_fired), self.since_fired._version
 
+    def _none_can_be_dead(self) -> bool:
+        """The host-side bound says no latent can have reached dead_tokens yet (no sync)."""
+        return (self._idle_bound is not None and self._idle_key == self._counter_key()
+                and self._idle_bound < self.train_cfg.dead_tokens)
+
+    def dead_mask(self) -> Tensor | None:
+        """[n] bool, the latents silent for dead_tokens tokens, without a host read (an accelerator's AuxK); None
+        while the host-side bound rules every latent out."""
+        return None if self._none_can_be_dead() else self.since_fired >= self.train_cfg.dead_tokens
+
     def dead_latents(self) -> Tensor | None:
         """Indices of the dead latents, or None when there are none; syncs with the host only when some may be.
 
@@ -111,10 +122,9 @@ class _Member:
         sync, until a latent could have reached dead_tokens. The bound is tied to the counter's version, so
         anything else that writes since_fired (load_state_dict, a test, a benchmark) forces an exact check.
         """
-        dead_tokens = self.train_cfg.dead_tokens
-        if self._idle_bound is not None and self._idle_key == self._counter_key() and self._idle_bound < dead_tokens:
+        if self._none_can_be_dead():
             return None
-        dead_idx = (self.since_fired >= dead_tokens).nonzero().squeeze(1)
+        dead_idx = (self.since_fired >= self.train_cfg.dead_tokens).nonzero().squeeze(1)
         self._idle_bound = None if dead_idx.numel() > 0 else int(self.since_fired.max())
         self._idle_key = self._counter_key()
         return dead_idx if dead_idx.numel() > 0 else None
@@ -154,10 +164,15 @@ class Trainer:
     device-side flag updated every step; reading it is a host sync, free on a CPU (default there: every step)
     and a pipeline stall on a GPU (default there: every FINITE_CHECK_EVERY_GPU steps, and on every
     `train_step`, which syncs for its float metrics anyway). A failure read late names the step it happened at.
+    `sync_free` (None: on when any member is on an accelerator) steps with fixed shapes, so the host never
+    waits for the device between reports: BatchTopK keeps its full width, gradients go by index_add_ instead of
+    COO matmuls, and AuxK runs masked over all latents once some may be dead (sae.model). On a CPU, where a
+    host read costs nothing, the default path is faster; both give the same numbers up to float rounding.
     """
 
     def __init__(self, members: Sequence[tuple[SAEConfig, TrainConfig]], *, parallel: int = 1,
-                 isolate_failures: bool = False, finite_check_every: int | None = None):
+                 isolate_failures: bool = False, finite_check_every: int | None = None,
+                 sync_free: bool | None = None):
         if len(members) == 0:
             raise ValueError("members must hold at least one (SAEConfig, TrainConfig) pair")
         if parallel < 1:
@@ -181,6 +196,9 @@ class Trainer:
         self._pool: ThreadPoolExecutor | None = None
         on_cpu = all(m.device.type == "cpu" for m in self._members)
         self.finite_check_every = finite_check_every or (1 if on_cpu else FINITE_CHECK_EVERY_GPU)
+        self.sync_free = (not on_cpu) if sync_free is None else sync_free
+        for m in self._members:
+            m.sae.sync_free = self.sync_free
         self._bad_batch_at: Tensor | None = None  # first step whose batch held NaN/Inf (deferred checks)
 
     @property
@@ -200,7 +218,7 @@ class Trainer:
         self.close()
         saes = [m.sae.eval() for m in self._members]
         for sae in saes:
-            sae.compute_dtype = None
+            sae.compute_dtype, sae.sync_free = None, False
         self._members = []
         restore_cpu_allocator()
         return saes
@@ -259,14 +277,16 @@ class Trainer:
         finally:
             sae.eval()  # outside a step an SAE encodes by the inference rule
         bounds = cfg.partition if cfg.is_matryoshka else (cfg.n_latents,)
-        main, recon, per_prefix = matryoshka_loss(x_n, vals, idx, sae.W_dec, sae.b_dec, bounds, cfg.weights)
+        main, recon, per_prefix = matryoshka_loss(x_n, vals, idx, sae.W_dec, sae.b_dec, bounds, cfg.weights,
+                                                  sync_free=self.sync_free)
         loss = main
         aux = torch.zeros((), device=x.device)
-        dead_idx = m.dead_latents() if tc.aux_coef > 0 else None
-        if dead_idx is not None:
+        dead = None if tc.aux_coef <= 0 else m.dead_mask() if self.sync_free else m.dead_latents()
+        if dead is not None:
             rows = aux_rows(x.shape[0], tc.aux_tokens, self.step)
             residual = x_n[rows] - recon.detach()[rows]
-            aux = auxk_loss(sae, m.aux_k, dead_idx, pre[rows], xc[rows], residual, normalized=tc.aux_loss == "normalized")
+            auxk = auxk_loss_masked if self.sync_free else auxk_loss
+            aux = auxk(sae, m.aux_k, dead, pre[rows], xc[rows], residual, normalized=tc.aux_loss == "normalized")
             loss = main + tc.aux_coef * aux
         if self.finite_check_every == 1:
             if not torch.isfinite(loss):
@@ -505,6 +525,23 @@ def auxk_loss(sae: SparseAutoencoder, aux_k: int, dead_idx: Tensor, pre: Tensor,
     if normalized:
         aux = aux / residual.var(dim=0, correction=0).mean().clamp_min(1e-12)
     return aux
+
+
+def auxk_loss_masked(sae: SparseAutoencoder, aux_k: int, dead: Tensor, pre: Tensor, xc: Tensor, residual: Tensor,
+                     *, normalized: bool = False) -> Tensor:
+    """`auxk_loss` without a host read: `dead` is an [n] bool mask, not an index list whose length the host
+    must know. Alive latents are masked to -inf before the top-k, so they are never picked with a value (where
+    fewer than aux_k latents are dead, the extra picks are zeros, which carry no gradient), and with no dead
+    latent at all the loss is 0. Costs a top-k over all n latents: for accelerators (`Trainer(sync_free=...)`)."""
+    with torch.no_grad():
+        av, ai = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, dead.numel()), dim=1, sorted=False)
+        av = av.float().clamp_min_(0)
+    av = SparseEncoderGrad.apply(av, ai, xc, sae.W_enc, sae.b_enc, sae.b_dec, True)
+    e_hat = sparse_decode(av, ai, sae.W_dec, sync_free=True)
+    aux = (e_hat - residual).pow(2).mean()
+    if normalized:
+        aux = aux / residual.var(dim=0, correction=0).mean().clamp_min(1e-12)
+    return torch.where(dead.any(), aux, torch.zeros_like(aux))
 
 
 def train_sae(sae_cfg: SAEConfig, train_cfg: TrainConfig, batches: Iterable[Tensor], **fit_kwargs

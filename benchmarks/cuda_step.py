@@ -1,0 +1,229 @@
+"""The GPU check: host syncs and speed of one training step, a profile of it, the LM splice and an evaluation on
+the device. Prepared for a short lease of a GPU machine (docs/architecture.md, "Checking the CUDA paths"); it
+needs only torch, transformers, safetensors and pydantic, so it runs without Ray or MLflow.
+
+    python benchmarks/cuda_step.py [--device cuda] [--out DIR] [--quick]
+
+1. Training steps, per case (TopK fp32/bf16, BatchTopK, Matryoshka, TopK with 25% of the latents dead so AuxK
+   runs), the sync-free step (`Trainer(sync_free=True)`, an accelerator's default) against the host-read step:
+   tokens/s (`sync_free_speedup`), and on CUDA the host syncs per step the sync-free one still makes, counted
+   with torch.cuda.set_sync_debug_mode (0 is the target; the first one's stack is printed).
+2. A torch.profiler table of three sync-free bf16 steps (profile.txt under --out).
+3. The LM splice on the device: a tiny random Llama's fast path against its full spliced forward (CE/KL within
+   1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included.
+Writes cuda_step.json (every number above) and profile.txt to --out (default: $OUT, else ./cuda_step_out).
+`--quick` shrinks every size (a CPU smoke run: tests/test_cuda_step.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_throughput import make_data  # noqa: E402
+
+from sae.config import SAEConfig, TrainConfig  # noqa: E402
+from sae.matryoshka import resolve_partition  # noqa: E402
+from sae.train import Trainer  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_syncs(device: torch.device, fn) -> tuple[int | None, str]:
+    """(host syncs fn made, where the first one was) on CUDA; (None, '') elsewhere, where there is nothing to count."""
+    if device.type != "cuda":
+        fn()
+        return None, ""
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    if not syncs:
+        return 0, ""
+    torch.cuda.set_sync_debug_mode("error")  # once more, to get the first sync's Python stack
+    try:
+        fn()
+        where = f"{syncs[0].filename}:{syncs[0].lineno}"
+    except RuntimeError:
+        where = traceback.format_exc(limit=12)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return len(syncs), where
+
+
+class Case:
+    """One Trainer on the device, with a fixed set of latents held dead before every step (AuxK runs)."""
+
+    def __init__(self, cfg: SAEConfig, tc: TrainConfig, sync_free: bool, dead_fraction: float = 0.0):
+        self.trainer = Trainer([(cfg, tc)], sync_free=sync_free)
+        self.member = self.trainer._members[0]
+        n = cfg.n_latents
+        self.dead = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: round(dead_fraction * n)]
+        self.dead = self.dead.to(self.member.device)
+
+    def step(self, x: torch.Tensor) -> None:
+        if self.dead.numel():
+            self.member.since_fired.zero_().index_fill_(0, self.dead, self.member.train_cfg.dead_tokens)
+        self.trainer.train_step(x, sync=False)  # as the training loop runs the steps it does not report
+
+
+def training(device: torch.device, a, out: Path) -> dict:
+    d, n, k, B = a.d_in, a.n_latents, a.k, a.batch_size
+    data = make_data(2, B, d, device)
+    tc = TrainConfig(device=str(device), warmup_steps=0, compute_dtype="float32", aux_tokens=None)
+    bf16 = tc.model_copy(update={"compute_dtype": "bfloat16"})
+    base = SAEConfig(d_in=d, n_latents=n, k=k)
+    cases = {
+        "topk_fp32": (base, tc, 0.0),
+        "topk_bf16": (base, bf16, 0.0),
+        "batchtopk_bf16": (base.model_copy(update={"architecture": "batchtopk"}), bf16, 0.0),
+        "matryoshka_bf16": (base.model_copy(update={"partition": resolve_partition("doubling:4", n)}), bf16, 0.0),
+        "topk_dead25_bf16": (base, bf16, 0.25),
+    }
+    results = {}
+    for name, (cfg, train_cfg, dead) in cases.items():
+        row = {}
+        for sync_free in (True, False):
+            case = Case(cfg, train_cfg, sync_free, dead)
+            for i in range(a.warmup):
+                case.step(data[i % 2])
+            _sync(device)
+            t = time.perf_counter()
+            for i in range(a.steps):
+                case.step(data[i % 2])
+            _sync(device)
+            key = "sync_free" if sync_free else "host_reads"
+            row[f"{key}_tokens_per_s"] = a.steps * B / (time.perf_counter() - t)
+            syncs, where = count_syncs(device, lambda c=case: [c.step(data[i % 2]) for i in range(3)])
+            row[f"{key}_syncs_per_step"] = None if syncs is None else syncs / 3
+            if sync_free and where:
+                row["first_sync"] = where
+            case.trainer.check_finite()
+        row["sync_free_speedup"] = row["sync_free_tokens_per_s"] / row["host_reads_tokens_per_s"]
+        results[name] = row
+        free, host = (row[f"{key}_syncs_per_step"] for key in ("sync_free", "host_reads"))
+        counts = "n/a" if free is None else f"{free:g} sync-free, {host:g} host reads"
+        print(f"{name}: sync-free {row['sync_free_tokens_per_s']:,.0f} tok/s, host reads "
+              f"{row['host_reads_tokens_per_s']:,.0f} tok/s (sync_free_speedup {row['sync_free_speedup']:.2f}); "
+              f"syncs/step: {counts}", flush=True)
+        if row.get("first_sync"):
+            print(f"  first sync of the sync-free step:\n{row['first_sync']}", flush=True)
+
+    case = Case(base, bf16, True)
+    for i in range(a.warmup):
+        case.step(data[i % 2])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(3):
+            case.step(data[i % 2])
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    (out / "profile.txt").write_text(f"three sync-free topk_bf16 steps, d={d} n={n} k={k} B={B}\n{table}\n")
+    return results
+
+
+def splice_and_evaluate(device: torch.device, a) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sae.evaluate import EvalData, EvalOptions, evaluate_progressive
+    from sae.importance import latent_stats
+    from sae.lm import wrap_model
+    from sae.splice import SpliceScorer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    lm = wrap_model(LlamaForCausalLM(cfg).to(device).eval(), name="tiny-llama")
+    ids = torch.randint(0, 512, (16, 33), generator=torch.Generator().manual_seed(1))
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        return x * 0.9 + 0.1 * x.std() * torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device)
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: zero-ablation need not raise the loss
+        fast = SpliceScorer(lm, ids, "resid_post.1", n_boot=50)
+        full = SpliceScorer(lm, ids, "resid_post.1", n_boot=50, fast=False)
+    got, ref = fast(noisy), full(noisy)
+    out["splice_path"] = fast.path
+    assert full.path == "full", full.fallback_reason
+    out["splice_ce_diff"] = abs(got["ce_sae"] - ref["ce_sae"])
+    out["splice_kl_diff"] = abs(got["kl_sae"] - ref["kl_sae"])
+    print(f"splice on {device}: {fast.path} path, |CE fast - full| {out['splice_ce_diff']:.2e}, "
+          f"|KL fast - full| {out['splice_kl_diff']:.2e}", flush=True)
+
+    n_tok = 2048 if a.quick else 16384
+    x = make_data(1, n_tok, 64, torch.device("cpu"), seed=2)[0]
+    tc = TrainConfig(device=str(device), warmup_steps=5, lr=3e-3, total_tokens=n_tok * 4)
+    trainer = Trainer([(SAEConfig(d_in=64, n_latents=256, k=8, partition=(32, 64, 128, 256)), tc)])
+    trainer.fit(b for _ in range(4) for b in x[torch.randperm(n_tok)].split(256))
+    sae = trainer.release()[0]
+    n_eval = 16 * 32
+    data = EvalData(acts=x[:n_eval], token_ids=ids[:, 1:].reshape(-1), context_ids=torch.arange(n_eval) // 32,
+                    doc_ids=torch.arange(n_eval) // 32, labels=["a" if i % 64 < 32 else "b" for i in range(n_eval)],
+                    batch_size=256)
+    t = time.perf_counter()
+    report = evaluate_progressive(sae, data, EvalOptions(granularities=(32, 64, 128, 256), random_draws=2),
+                                  fast, ranking=latent_stats(sae, x[:2048].to(device)))
+    out["evaluate_seconds"] = time.perf_counter() - t
+    out["evaluate_full_fvu"] = report.final.get("fvu")
+    out["evaluate_kl_score"] = report.final.get("kl_score")  # random LM weights: ce_score may be NaN (no CE gap)
+    print(f"evaluate_progressive on {device}: {out['evaluate_seconds']:.1f}s, fvu {out['evaluate_full_fvu']:.4f}, "
+          f"kl_score {out['evaluate_kl_score']:.4f}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.environ.get("OUT") or "cuda_step_out")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (CPU)")
+    p.add_argument("--d-in", type=int, default=2304)
+    p.add_argument("--n-latents", type=int, default=65536)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.d_in, a.n_latents, a.k, a.batch_size, a.warmup, a.steps = 32, 256, 8, 256, 1, 2
+    device = torch.device(a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"torch": torch.__version__, "device": str(device),
+           "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "k": a.k, "batch": a.batch_size}}
+    print(json.dumps(env), flush=True)
+    result = {"env": env, "training": training(device, a, out), **splice_and_evaluate(device, a)}
+    tmp = out / "cuda_step.json.partial"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.rename(out / "cuda_step.json")
+    print(f"wrote {out / 'cuda_step.json'} and {out / 'profile.txt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
