@@ -7,7 +7,8 @@ needs only torch, transformers, safetensors and pydantic, so it runs without Ray
 1. Training steps, per case (TopK fp32/bf16, BatchTopK, Matryoshka, TopK with 25% of the latents dead so AuxK
    runs), the sync-free step (`Trainer(sync_free=True)`, an accelerator's default) against the host-read step:
    tokens/s (`sync_free_speedup`), and on CUDA the host syncs per step the sync-free one still makes, counted
-   with torch.cuda.set_sync_debug_mode (0 is the target; the first one's stack is printed).
+   with torch.cuda.set_sync_debug_mode (0 is the target; the first one's stack is printed); and the step fed
+   from host memory, pageable copies against pinned ones (`sae.train.to_device`, what a trial uses).
 2. A torch.profiler table of three sync-free bf16 steps (profile.txt under --out).
 3. The LM splice on the device: a tiny random Llama's fast path against its full spliced forward (CE/KL within
    1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included.
@@ -36,7 +37,7 @@ from train_throughput import make_data  # noqa: E402
 
 from sae.config import SAEConfig, TrainConfig  # noqa: E402
 from sae.matryoshka import resolve_partition  # noqa: E402
-from sae.train import Trainer  # noqa: E402
+from sae.train import Trainer, to_device  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -129,9 +130,21 @@ def training(device: torch.device, a, out: Path) -> dict:
         if row.get("first_sync"):
             print(f"  first sync of the sync-free step:\n{row['first_sync']}", flush=True)
 
+    # the trial's feed: batches arrive in host memory; a pageable copy waits for the queue, a pinned one does not
+    host = [x.cpu() for x in data]
     case = Case(base, bf16, True)
     for i in range(a.warmup):
         case.step(data[i % 2])
+    feed = results["feed_from_host"] = {}
+    for name, move in (("pageable", lambda x: x.to(device)), ("pinned", lambda x: to_device(x, device))):
+        _sync(device)
+        t = time.perf_counter()
+        for i in range(a.steps):
+            case.step(move(host[i % 2]))
+        _sync(device)
+        feed[f"{name}_tokens_per_s"] = a.steps * B / (time.perf_counter() - t)
+    print(f"topk_bf16 fed from host memory: pageable {feed['pageable_tokens_per_s']:,.0f} tok/s, pinned "
+          f"(sae.train.to_device) {feed['pinned_tokens_per_s']:,.0f} tok/s", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

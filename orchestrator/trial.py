@@ -41,7 +41,7 @@ from sae.importance import latent_stats
 from sae.lm import load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
-from sae.train import Trainer
+from sae.train import Trainer, to_device
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
@@ -61,7 +61,7 @@ def training_batches(store: str, spec: SweepSpec, seed: int, device: str):
     """The deterministic stream of training batches over all epochs (reshuffled per epoch)."""
     for epoch in range(spec.train.epochs):
         for batch in iter_batches(store, spec.train.batch_size, shuffle=True, seed=seed * 1009 + epoch):
-            yield batch.to(device, non_blocking=True)
+            yield to_device(batch, device)
 
 
 def importance_sample(store: str, tokens: int, batch_size: int = 4096):

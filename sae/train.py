@@ -480,6 +480,16 @@ def resolve_compute_dtype(requested: str, device: str | torch.device) -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
+def to_device(batch: Tensor, device: str | torch.device) -> Tensor:
+    """`batch` on `device`. From host memory to a GPU it goes through pinned memory: a copy from pageable memory
+    waits for the GPU's queue to drain first (CUDA's rules for pageable transfers), a host sync per batch, while
+    a pinned copy is queued behind the running step and the host reads the next batch meanwhile."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(dev, non_blocking=True)
+    return batch.to(dev)
+
+
 def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:
     """A member step's metrics, or the FloatingPointError it raised (so one member's NaN can stop only it)."""
     try:

@@ -116,6 +116,8 @@ def test_the_prepared_gpu_check_runs_end_to_end_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "cuda_step.json").read_text())
+    feed = result["training"].pop("feed_from_host")
+    assert feed["pageable_tokens_per_s"] > 0 and feed["pinned_tokens_per_s"] > 0
     assert set(result["training"]) == {"topk_fp32", "topk_bf16", "batchtopk_bf16", "matryoshka_bf16",
                                        "topk_dead25_bf16"}
     for row in result["training"].values():
