@@ -8,12 +8,13 @@ needs only torch, transformers, safetensors and pydantic, so it runs without Ray
    runs), the sync-free step (`Trainer(sync_free=True)`, an accelerator's default) against the host-read step:
    tokens/s (`sync_free_speedup`), and on CUDA the host syncs per step the sync-free one still makes, counted
    with torch.cuda.set_sync_debug_mode (0 is the target; the first one's stack is printed); and the step fed
-   from host memory, pageable copies against pinned ones (`sae.train.to_device`, what a trial uses).
+   from host memory, pageable non-blocking copies against pinned ones (`sae.train.to_device`).
 2. A torch.profiler table of three sync-free bf16 steps (profile.txt under --out).
 3. The LM splice on the device: a tiny random Llama's fast path against its full spliced forward (CE/KL within
-   1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included.
+   1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included, with its host syncs.
 Writes cuda_step.json (every number above) and profile.txt to --out (default: $OUT, else ./cuda_step_out).
-`--quick` shrinks every size (a CPU smoke run: tests/test_cuda_step.py).
+`--quick` shrinks every size (a CPU smoke run: tests/test_sync_free.py). Each section's numbers are written as
+soon as it ends, and a section that fails records its traceback instead, so one late failure loses nothing else.
 """
 
 from __future__ import annotations
@@ -130,13 +131,14 @@ def training(device: torch.device, a, out: Path) -> dict:
         if row.get("first_sync"):
             print(f"  first sync of the sync-free step:\n{row['first_sync']}", flush=True)
 
-    # the trial's feed: batches arrive in host memory; a pageable copy waits for the queue, a pinned one does not
+    # the trial's feed: batches arrive in host memory; a pageable copy may wait for the queue, a pinned one does not
     host = [x.cpu() for x in data]
     case = Case(base, bf16, True)
     for i in range(a.warmup):
         case.step(data[i % 2])
     feed = results["feed_from_host"] = {}
-    for name, move in (("pageable", lambda x: x.to(device)), ("pinned", lambda x: to_device(x, device))):
+    moves = {"pageable": lambda x: x.to(device, non_blocking=True), "pinned": lambda x: to_device(x, device)}
+    for name, move in moves.items():
         _sync(device)
         t = time.perf_counter()
         for i in range(a.steps):
@@ -145,6 +147,17 @@ def training(device: torch.device, a, out: Path) -> dict:
         feed[f"{name}_tokens_per_s"] = a.steps * B / (time.perf_counter() - t)
     print(f"topk_bf16 fed from host memory: pageable {feed['pageable_tokens_per_s']:,.0f} tok/s, pinned "
           f"(sae.train.to_device) {feed['pinned_tokens_per_s']:,.0f} tok/s", flush=True)
+    return results
+
+
+def profile_step(device: torch.device, a, out: Path) -> dict:
+    """A torch.profiler table of three sync-free topk_bf16 steps, the slowest kernels first, in profile.txt."""
+    d, n, k, B = a.d_in, a.n_latents, a.k, a.batch_size
+    data = make_data(2, B, d, device)
+    tc = TrainConfig(device=str(device), warmup_steps=0, compute_dtype="bfloat16", aux_tokens=None)
+    case = Case(SAEConfig(d_in=d, n_latents=n, k=k), tc, True)
+    for i in range(a.warmup):
+        case.step(data[i % 2])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -155,7 +168,8 @@ def training(device: torch.device, a, out: Path) -> dict:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30)
     (out / "profile.txt").write_text(f"three sync-free topk_bf16 steps, d={d} n={n} k={k} B={B}\n{table}\n")
-    return results
+    print(table, flush=True)
+    return {"profile": str(out / "profile.txt")}
 
 
 def splice_and_evaluate(device: torch.device, a) -> dict:
@@ -198,14 +212,19 @@ def splice_and_evaluate(device: torch.device, a) -> dict:
     data = EvalData(acts=x[:n_eval], token_ids=ids[:, 1:].reshape(-1), context_ids=torch.arange(n_eval) // 32,
                     doc_ids=torch.arange(n_eval) // 32, labels=["a" if i % 64 < 32 else "b" for i in range(n_eval)],
                     batch_size=256)
+    opts = EvalOptions(granularities=(32, 64, 128, 256), random_draws=2)
+    ranking = latent_stats(sae, x[:2048].to(device))
     t = time.perf_counter()
-    report = evaluate_progressive(sae, data, EvalOptions(granularities=(32, 64, 128, 256), random_draws=2),
-                                  fast, ranking=latent_stats(sae, x[:2048].to(device)))
+    report = evaluate_progressive(sae, data, opts, fast, ranking=ranking)
     out["evaluate_seconds"] = time.perf_counter() - t
+    syncs, where = count_syncs(device, lambda: evaluate_progressive(sae, data, opts, fast, ranking=ranking))
+    out["evaluate_syncs"], out["evaluate_first_sync"] = syncs, where
     out["evaluate_full_fvu"] = report.final.get("fvu")
     out["evaluate_kl_score"] = report.final.get("kl_score")  # random LM weights: ce_score may be NaN (no CE gap)
     print(f"evaluate_progressive on {device}: {out['evaluate_seconds']:.1f}s, fvu {out['evaluate_full_fvu']:.4f}, "
-          f"kl_score {out['evaluate_kl_score']:.4f}", flush=True)
+          f"kl_score {out['evaluate_kl_score']:.4f}, host syncs {'n/a' if syncs is None else syncs}", flush=True)
+    if where:
+        print(f"  first sync of the evaluation:\n{where}", flush=True)
     return out
 
 
@@ -230,12 +249,21 @@ def main(argv: list[str] | None = None) -> int:
            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "k": a.k, "batch": a.batch_size}}
     print(json.dumps(env), flush=True)
-    result = {"env": env, "training": training(device, a, out), **splice_and_evaluate(device, a)}
-    tmp = out / "cuda_step.json.partial"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.rename(out / "cuda_step.json")
-    print(f"wrote {out / 'cuda_step.json'} and {out / 'profile.txt'}")
-    return 0
+    result: dict = {"env": env}
+    failed = []
+    for name, section in (("training", training), ("profile", profile_step),
+                          ("splice_and_evaluate", lambda dev, args, _out: splice_and_evaluate(dev, args))):
+        try:
+            result[name] = section(device, a, out)
+        except Exception:  # noqa: BLE001 - a lease has no time to rerun: keep every other section's numbers
+            result[name] = {"error": traceback.format_exc()}
+            failed.append(name)
+            print(f"{name} failed:\n{result[name]['error']}", flush=True)
+        tmp = out / "cuda_step.json.partial"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.rename(out / "cuda_step.json")
+    print(f"wrote {out / 'cuda_step.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ class _Member:
         return (self._idle_bound is not None and self._idle_key == self._counter_key()
                 and self._idle_bound < self.train_cfg.dead_tokens)
 
+    def refresh_dead_bound(self) -> None:
+        """Re-read max(since_fired) into the host-side bound (one host sync, for points that sync anyway), so a
+        sync-free step skips AuxK again while no latent is dead instead of running it masked every step."""
+        self._idle_bound = int(self.since_fired.max())
+        self._idle_key = self._counter_key()
+
     def dead_mask(self) -> Tensor | None:
         """[n] bool, the latents silent for dead_tokens tokens, without a host read (an accelerator's AuxK); None
         while the host-side bound rules every latent out."""
@@ -164,10 +170,12 @@ class Trainer:
     device-side flag updated every step; reading it is a host sync, free on a CPU (default there: every step)
     and a pipeline stall on a GPU (default there: every FINITE_CHECK_EVERY_GPU steps, and on every
     `train_step`, which syncs for its float metrics anyway). A failure read late names the step it happened at.
-    `sync_free` (None: on when any member is on an accelerator) steps with fixed shapes, so the host never
-    waits for the device between reports: BatchTopK keeps its full width, gradients go by index_add_ instead of
-    COO matmuls, and AuxK runs masked over all latents once some may be dead (sae.model). On a CPU, where a
-    host read costs nothing, the default path is faster; both give the same numbers up to float rounding.
+    `sync_free` (None: on for the members on an accelerator) steps with fixed shapes, so the host never waits
+    for the device between reports: BatchTopK keeps its full width, gradients go by index_add_ instead of COO
+    matmuls, and AuxK runs masked over all latents once some may be dead (sae.model); the host's bound on the
+    dead counters is re-read at the syncs that happen anyway (`check_finite`). On a CPU, where a host read costs
+    nothing, the default path is faster. Both give the same numbers up to float rounding in fp32; with bf16
+    compute, ties among bf16 pre-activations and the host path's bf16 AuxK decode make them differ slightly.
     """
 
     def __init__(self, members: Sequence[tuple[SAEConfig, TrainConfig]], *, parallel: int = 1,
@@ -196,9 +204,8 @@ class Trainer:
         self._pool: ThreadPoolExecutor | None = None
         on_cpu = all(m.device.type == "cpu" for m in self._members)
         self.finite_check_every = finite_check_every or (1 if on_cpu else FINITE_CHECK_EVERY_GPU)
-        self.sync_free = (not on_cpu) if sync_free is None else sync_free
         for m in self._members:
-            m.sae.sync_free = self.sync_free
+            m.sae.sync_free = m.device.type != "cpu" if sync_free is None else sync_free
         self._bad_batch_at: Tensor | None = None  # first step whose batch held NaN/Inf (deferred checks)
 
     @property
@@ -278,14 +285,14 @@ class Trainer:
             sae.eval()  # outside a step an SAE encodes by the inference rule
         bounds = cfg.partition if cfg.is_matryoshka else (cfg.n_latents,)
         main, recon, per_prefix = matryoshka_loss(x_n, vals, idx, sae.W_dec, sae.b_dec, bounds, cfg.weights,
-                                                  sync_free=self.sync_free)
+                                                  sync_free=sae.sync_free)
         loss = main
         aux = torch.zeros((), device=x.device)
-        dead = None if tc.aux_coef <= 0 else m.dead_mask() if self.sync_free else m.dead_latents()
+        dead = None if tc.aux_coef <= 0 else m.dead_mask() if sae.sync_free else m.dead_latents()
         if dead is not None:
             rows = aux_rows(x.shape[0], tc.aux_tokens, self.step)
             residual = x_n[rows] - recon.detach()[rows]
-            auxk = auxk_loss_masked if self.sync_free else auxk_loss
+            auxk = auxk_loss_masked if sae.sync_free else auxk_loss
             aux = auxk(sae, m.aux_k, dead, pre[rows], xc[rows], residual, normalized=tc.aux_loss == "normalized")
             loss = main + tc.aux_coef * aux
         if self.finite_check_every == 1:
@@ -332,7 +339,7 @@ class Trainer:
         on_device: dict[torch.device, Tensor] = {}
         for _, m in active:
             if m.device not in on_device:
-                on_device[m.device] = batch.to(m.device, torch.float32, non_blocking=True)
+                on_device[m.device] = to_device(batch, m.device).to(torch.float32)
         out: list[dict[str, Tensor | float]] = [{} for _ in self._members]
         if self.parallel > 1 and len(active) > 1:
             if self._pool is None:  # each worker thread runs its ops on one core
@@ -368,6 +375,8 @@ class Trainer:
         for i, m in enumerate(self._members):
             if i not in self.failures and (at := int(m.nonfinite_at)) >= 0:
                 self._fail(i, _bad_loss_error(at, float("nan"), i, m.sae.cfg, late=self.step))
+            if m.sae.sync_free:
+                m.refresh_dead_bound()
 
     def train_step(self, batch: Tensor, *, sync: bool = True) -> list[dict[str, float]] | list[dict[str, Tensor]]:
         """One optimiser step for every SAE on `batch` [B, d]; metrics per SAE ({} for a finished SAE).
@@ -462,7 +471,7 @@ def native_bf16(device: str | torch.device) -> bool:
     AVX512-BF16 or AMX-BF16 (x86) / BF16 (Arm) instructions, read from /proc/cpuinfo (Linux)."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if dev.type != "cpu":
         return False
     try:
@@ -482,8 +491,8 @@ def resolve_compute_dtype(requested: str, device: str | torch.device) -> str:
 
 def to_device(batch: Tensor, device: str | torch.device) -> Tensor:
     """`batch` on `device`. From host memory to a GPU it goes through pinned memory: a copy from pageable memory
-    waits for the GPU's queue to drain first (CUDA's rules for pageable transfers), a host sync per batch, while
-    a pinned copy is queued behind the running step and the host reads the next batch meanwhile."""
+    may wait for the GPU's queue to drain first (CUDA stages it through a driver buffer), while a pinned copy is
+    queued behind the running step and the host goes on to read the next batch."""
     dev = torch.device(device)
     if dev.type == "cuda" and batch.device.type == "cpu":
         return batch.pin_memory().to(dev, non_blocking=True)

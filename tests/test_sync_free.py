@@ -100,7 +100,23 @@ def test_sync_free_training_matches_the_default_step(cfg):
             assert b[0][key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
     for name, p in sae_base.named_parameters():
         assert torch.allclose(dict(sae_free.named_parameters())[name], p, atol=2e-5, rtol=1e-4), name
-    assert Trainer([(cfg, tc)]).sync_free is False  # a CPU member defaults to the host-read path
+    assert Trainer([(cfg, tc)]).saes[0].sync_free is False  # a CPU member defaults to the host-read path
+
+
+def test_sync_free_auxk_stops_once_a_sync_shows_no_latent_dead():
+    """The host's bound on the dead counters only grows between syncs; each deferred finiteness read re-reads it,
+    so AuxK (masked over all latents, costly) stops running while no latent is actually dead."""
+    x = make_planted(n_features=64, n_tokens=2048).x
+    tc = TrainConfig(lr=3e-3, warmup_steps=0, dead_tokens=600, compute_dtype="float32")
+    trainer = Trainer([(SAEConfig(d_in=32, n_latents=64, k=4), tc)], sync_free=True, finite_check_every=4)
+    member = trainer._members[0]
+    steps = batches(x, 256, epochs=1)
+    for _ in range(3):  # 768 tokens: past dead_tokens, so the bound alone no longer rules dead latents out
+        trainer.train_step(next(steps), sync=False)
+    assert member.dead_mask() is not None
+    trainer.train_step(next(steps), sync=False)  # the 4th step reads the flags, and the counters with them
+    assert int(member.since_fired.max()) < tc.dead_tokens  # every latent fired recently
+    assert member.dead_mask() is None
 
 
 def test_the_prepared_gpu_check_runs_end_to_end_on_cpu(tmp_path):
@@ -114,16 +130,18 @@ def test_the_prepared_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_step.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "cuda_step.json").read_text())
-    feed = result["training"].pop("feed_from_host")
+    training = result["training"]
+    feed = training.pop("feed_from_host")
     assert feed["pageable_tokens_per_s"] > 0 and feed["pinned_tokens_per_s"] > 0
-    assert set(result["training"]) == {"topk_fp32", "topk_bf16", "batchtopk_bf16", "matryoshka_bf16",
-                                       "topk_dead25_bf16"}
-    for row in result["training"].values():
+    assert set(training) == {"topk_fp32", "topk_bf16", "batchtopk_bf16", "matryoshka_bf16", "topk_dead25_bf16"}
+    for row in training.values():
         assert row["sync_free_tokens_per_s"] > 0 and row["host_reads_tokens_per_s"] > 0
         assert row["sync_free_syncs_per_step"] is None  # counted on CUDA only
-    assert result["splice_path"] == "fast"
-    assert result["splice_ce_diff"] < 1e-4 and result["splice_kl_diff"] < 1e-4
-    assert 0 < result["evaluate_full_fvu"] < 1 and 0 < result["evaluate_kl_score"] <= 1
-    assert "aten::topk" in (tmp_path / "profile.txt").read_text()
+    assert "aten::topk" in Path(result["profile"]["profile"]).read_text()
+    checks = result["splice_and_evaluate"]
+    assert checks["splice_path"] == "fast"
+    assert checks["splice_ce_diff"] < 1e-4 and checks["splice_kl_diff"] < 1e-4
+    assert 0 < checks["evaluate_full_fvu"] < 1 and 0 < checks["evaluate_kl_score"] <= 1
+    assert checks["evaluate_syncs"] is None
