@@ -40,7 +40,14 @@ from sae.metrics import (
     linear_cka_from_grams,
 )
 from sae.model import evaluating, sparse_decode
-from sae.prune import RULES, nested_masked_residuals, nested_reselect_codes, order_latents, reduced_code
+from sae.prune import (
+    RULES,
+    check_nested,
+    nested_masked_residuals,
+    nested_reselect_codes,
+    order_latents,
+    reduced_code,
+)
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
 PRIMARY_RULE = "masked"
@@ -270,7 +277,8 @@ class _Batch(NamedTuple):
         """Add this batch to r's metrics, from its code (v, i) and its residual x - x_hat in the SAE's units."""
         r.acc.update_residual(residual, v, moments=self.moments, to_raw=self.to_raw)
         if r.rule != "masked":  # a masked code fires where the full one does, on its kept latents (_score_all)
-            r.fired[i[v > 0]] = True
+            hits = torch.zeros(r.fired.shape, dtype=torch.int32, device=i.device)  # fixed shapes: no host read
+            r.fired |= hits.index_add_(0, i.reshape(-1), (v > 0).reshape(-1).to(torch.int32)) > 0
         if r.grams is not None:
             xhc = (self.xc_n - residual + self.b_dec) * self.to_raw - self.shift
             r.grams[0] += (xhc.T @ xhc).double()
@@ -291,11 +299,14 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
     full = _Reduced("full", n, "-", None, fired=torch.zeros(n, dtype=torch.bool, device=device))
     # CKA's sums are taken about the eval mean: they stay of the order of the covariance, so float32 matmuls lose
     # nothing to cancellation (CKA centres exactly, whatever the shift) and cost a fraction of float64 ones
-    shift = data.acts.double().mean(0).to(device=device, dtype=torch.float32)
+    shift = sum(chunk.sum(0, dtype=torch.float64) for chunk in data.acts.split(8192)) / data.acts.shape[0]
+    shift = shift.to(device=device, dtype=torch.float32)  # summed in chunks: no float64 copy of the eval set
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     items = [full, *reduced]
     reselect, masked = _reselect_curves(sae, reduced), _nested_curves(reduced, "masked")
+    for curve in (*reselect, *masked):
+        check_nested([r.kept for r in curve])  # once here, not per batch (on a GPU each check is a host sync)
     for r in items:
         if r is full or r.method in detailed:
             r.grams = [torch.zeros(d, d, dtype=torch.float64, device=device),
@@ -316,12 +327,13 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
         full_residual = xc_n - sparse_decode(vals, idx, sae.W_dec)
         batch.account(full, vals, idx, full_residual)
         for curve in masked:
-            residuals = nested_masked_residuals(sae.W_dec, full_residual, vals, idx, [r.kept for r in curve], n)
+            residuals = nested_masked_residuals(sae.W_dec, full_residual, vals, idx, [r.kept for r in curve], n,
+                                                check=False)
             for r, residual in zip(curve, residuals, strict=True):
                 batch.account(r, *_code(sae, r, pre, vals, idx), residual)
         codes = {id(r): code for curve in reselect
-                 for r, code in zip(curve, nested_reselect_codes(sae, pre, [r.kept for r in curve], vals.dtype),
-                                    strict=True)}
+                 for r, code in zip(curve, nested_reselect_codes(sae, pre, [r.kept for r in curve], vals.dtype,
+                                                                  check=False), strict=True)}
         for r in reduced:
             if r.rule != "masked":
                 v, i = codes[id(r)] if id(r) in codes else _code(sae, r, pre, vals, idx)

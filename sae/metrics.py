@@ -63,7 +63,7 @@ class BatchMoments(NamedTuple):
 
     x: Tensor
     mean: Tensor
-    m2: float
+    m2: Tensor  # 0-dim float64, on x's device
 
 
 def batch_moments(x: Tensor) -> BatchMoments:
@@ -72,19 +72,22 @@ def batch_moments(x: Tensor) -> BatchMoments:
     x = x.reshape(-1, x.shape[-1])
     x64 = x.to(torch.float64)
     mean = x64.mean(0)
-    return BatchMoments(x, mean, float((x64 - mean).pow(2).sum()))
+    return BatchMoments(x, mean, (x64 - mean).pow(2).sum())
 
 
 class ReconstructionAccumulator:
-    """Streaming FVU / MSE / L0 over batches; `result()` equals the one-shot metrics on the concatenation."""
+    """Streaming FVU / MSE / L0 over batches; `result()` equals the one-shot metrics on the concatenation.
+
+    The running sums are float64 tensors on the inputs' device, read only by `result()`: an evaluation updates
+    ~70 accumulators per batch, and on a GPU a float() per update would be a host sync each."""
 
     def __init__(self) -> None:
         self.tokens = 0
         self._d: int | None = None
         self._mean: Tensor | None = None  # running per-dimension mean of x
-        self._m2 = 0.0  # running sum over dims of centred second moment of x
-        self._sq_err = 0.0
-        self._nonzero = 0.0
+        self._m2: Tensor | float = 0.0  # running sum over dims of centred second moment of x
+        self._sq_err: Tensor | float = 0.0
+        self._nonzero: Tensor | float = 0.0
         self._has_l0 = True  # False once any batch arrives without `values`
 
     def update(self, x: Tensor, x_hat: Tensor, values: Tensor | None = None, *,
@@ -115,28 +118,29 @@ class ReconstructionAccumulator:
         else:
             n_a, n = self.tokens, self.tokens + b
             delta = batch_mean - self._mean
-            self._m2 += batch_m2 + float(delta.pow(2).sum()) * n_a * b / n
+            self._m2 = self._m2 + batch_m2 + delta.pow(2).sum() * (n_a * b / n)
             self._mean = self._mean + delta * (b / n)
         self.tokens += b
         # each token's squared error summed in the inputs' precision (a d-term dot: ~1e-10 relative against a
         # float64 reference at d = 576), the tokens' sums in float64: one pass over the residual, where a
         # float64 copy of it took 4x the time
-        self._sq_err += float(torch.linalg.vecdot(residual, residual).sum(dtype=torch.float64)) * to_raw**2
+        self._sq_err = self._sq_err + torch.linalg.vecdot(residual, residual).sum(dtype=torch.float64) * to_raw**2
         if values is None:
             self._has_l0 = False
         else:
-            self._nonzero += float((values.reshape(b, -1) != 0).sum(dtype=torch.float64))
+            self._nonzero = self._nonzero + (values.reshape(b, -1) != 0).sum(dtype=torch.float64)
 
     def result(self) -> dict[str, float]:
         """dict(fvu, mse, l0, tokens); l0 is NaN if any batch was added without `values`."""
         if self.tokens == 0 or self._d is None:
             raise ValueError("ReconstructionAccumulator is empty: call update() with at least one batch first")
-        if self._m2 <= 0:
+        m2, sq_err, nonzero = float(self._m2), float(self._sq_err), float(self._nonzero)
+        if m2 <= 0:
             raise ValueError("x has zero variance over tokens, so FVU is undefined")
         return {
-            "fvu": self._sq_err / self._m2,
-            "mse": self._sq_err / (self.tokens * self._d),
-            "l0": self._nonzero / self.tokens if self._has_l0 else float("nan"),
+            "fvu": sq_err / m2,
+            "mse": sq_err / (self.tokens * self._d),
+            "l0": nonzero / self.tokens if self._has_l0 else float("nan"),
             "tokens": float(self.tokens),
         }
 
@@ -203,7 +207,9 @@ class RSAReference:
         if n > n_tokens:
             self.rows = torch.randperm(n, generator=gen)[:n_tokens]
             x64, n = x64[self.rows], n_tokens
-        self.a, self.b = _pairs(n, max_pairs, gen)
+        self.a, self.b = (t.to(x64.device) for t in _pairs(n, max_pairs, gen))  # index x's Gram where it lives
+        if self.rows is not None:
+            self.rows = self.rows.to(x64.device)
         self.metric = metric
         self.x_ranks = _average_ranks(_pair_distances(x64, self.a, self.b, metric))
 

@@ -22,6 +22,7 @@ changes, because SAEConfig needs 0 < k < n_latents:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -137,24 +138,34 @@ def reduced_code(sae, pre: Tensor, full_vals: Tensor, full_idx: Tensor, kept: Te
     return vals, kept[idx]
 
 
-def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+def check_nested(prefixes: Sequence[Tensor]) -> None:
+    """Raise unless each kept set extends the one before it (`order[:G]` for increasing G): what the nested
+    scorers below rely on. A caller that scores many batches of the same curve checks once and passes
+    check=False (on a GPU each torch.equal is a host sync)."""
+    empty = prefixes[0][:0] if prefixes else None
+    for small, big in itertools.pairwise([empty, *prefixes] if prefixes else []):
+        if big.numel() <= small.numel() or not torch.equal(big[: small.numel()], small):
+            raise ValueError(f"each kept set must extend the one before it (a prefix of one order), got sizes "
+                             f"{[p.numel() for p in prefixes]}")
+
+
+def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch.dtype, *, check: bool = True
+                          ) -> list[tuple[Tensor, Tensor]]:
     """The `reselect` codes of nested kept sets, each a prefix of the next (`order[:G]` for increasing G), as
     `reduced_code` gives them one by one (TopK only), from one search of each band between consecutive sets: the
     top k among order[:G2] is the top k of the top k among order[:G1] and the top k among order[G1:G2]. So a
     curve costs one pass over its largest kept set instead of one per G."""
     if sae.cfg.architecture != "topk":
         raise ValueError("nested_reselect_codes is for TopK SAEs; BatchTopK's reselect code is its threshold")
+    if check:
+        check_nested(prefixes)
     k = sae.cfg.k
     top_v = pre.new_empty(pre.shape[0], 0)
     top_i = torch.empty(pre.shape[0], 0, dtype=torch.long, device=pre.device)
     out: list[tuple[Tensor, Tensor]] = []
     previous = prefixes[0][:0] if prefixes else torch.empty(0, dtype=torch.long)
     for kept in prefixes:
-        start = previous.numel()
-        if kept.numel() <= start or not torch.equal(kept[:start], previous):
-            raise ValueError(f"each kept set must extend the one before it (a prefix of one order), got sizes "
-                             f"{[p.numel() for p in prefixes]}")
-        band = kept[start:]
+        band = kept[previous.numel():]
         band_v, j = pre.index_select(1, band).topk(min(k, band.numel()), dim=1, sorted=False)
         top_v, top_i = torch.cat([top_v, band_v], 1), torch.cat([top_i, band[j]], 1)
         if top_v.shape[1] > k:
@@ -172,18 +183,18 @@ def nested_reselect_codes(sae, pre: Tensor, prefixes: list[Tensor], dtype: torch
 
 @torch.no_grad()
 def nested_masked_residuals(W_dec: Tensor, residual: Tensor, vals: Tensor, idx: Tensor, prefixes: list[Tensor],
-                            n_latents: int) -> list[Tensor]:
+                            n_latents: int, *, check: bool = True, fixed_shapes: bool | None = None) -> list[Tensor]:
     """The `masked` residuals (x - x_hat, in the units of `residual`) of nested kept sets (`order[:G]` for
     increasing G), from the full code's residual: masking drops the code's entries outside the kept set, so each
     residual is the next larger set's plus the decode of the entries in the band between them. Every entry is
     decoded once per curve, where decoding each masked code whole costs one full decode per G.
 
     residual: the full SAE's x - x_hat [B, d]; vals/idx: its code [B, w]. Returns the residuals in the order of
-    `prefixes`. Equal to decoding `reduced_code(..., "masked")` to float32 rounding (tests check this)."""
-    for small, big in itertools.pairwise(prefixes):
-        if big.numel() <= small.numel() or not torch.equal(big[: small.numel()], small):
-            raise ValueError(f"each kept set must extend the one before it (a prefix of one order), got sizes "
-                             f"{[p.numel() for p in prefixes]}")
+    `prefixes`. Equal to decoding `reduced_code(..., "masked")` to float32 rounding (tests check this). On a CPU
+    each band's entries are gathered first (a decode of the band only); with `fixed_shapes` (None: off the CPU)
+    the band is decoded in place with the other entries zeroed, which needs no host read of the band's size."""
+    if check:
+        check_nested(prefixes)
     if not prefixes:
         return []
     largest = prefixes[-1]
@@ -194,10 +205,13 @@ def nested_masked_residuals(W_dec: Tensor, residual: Tensor, vals: Tensor, idx: 
     upper = n_latents + 1
     for kept in reversed(prefixes):
         band = (entry_rank >= kept.numel()) & (entry_rank < upper) & (vals != 0)
-        counts = band.sum(1)
-        offsets = torch.zeros_like(counts)
-        offsets[1:] = counts.cumsum(0)[:-1]
-        residual = residual + sparse_decode(vals[band], idx[band], W_dec, offsets)
+        if not (vals.device.type != "cpu" if fixed_shapes is None else fixed_shapes):
+            counts = band.sum(1)
+            offsets = torch.zeros_like(counts)
+            offsets[1:] = counts.cumsum(0)[:-1]
+            residual = residual + sparse_decode(vals[band], idx[band], W_dec, offsets)
+        else:
+            residual = residual + sparse_decode(torch.where(band, vals, 0), idx, W_dec)
         out.append(residual)
         upper = kept.numel()
     return out[::-1]

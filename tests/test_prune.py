@@ -196,7 +196,8 @@ def test_nested_reselect_codes_equal_one_search_per_G():
         nested_reselect_codes(sae, pre, [order[:9], order[:9]], vals.dtype)
 
 
-def test_nested_masked_residuals_equal_decoding_each_masked_code():
+@pytest.mark.parametrize("fixed_shapes", [False, True])  # the CPU's gathered bands, and an accelerator's in place
+def test_nested_masked_residuals_equal_decoding_each_masked_code(fixed_shapes):
     """Band by band from the full residual, each G's masked residual equals x - decode(masked code) to float32
     rounding, for a TopK and a BatchTopK SAE (whose codes carry zero padding); a G = n set's is the full residual,
     and sets that are not prefixes of one order are refused."""
@@ -209,7 +210,8 @@ def test_nested_masked_residuals_equal_decoding_each_masked_code():
             xc_n, pre = sae.pre_activations(sae.normalise(x))
             vals, idx = sae.select(pre)
             full = xc_n - sparse_decode(vals, idx, sae.W_dec)
-            got = nested_masked_residuals(sae.W_dec, full, vals, idx, [order[:g] for g in gs], 256)
+            got = nested_masked_residuals(sae.W_dec, full, vals, idx, [order[:g] for g in gs], 256,
+                                          fixed_shapes=fixed_shapes)
             for g, residual in zip(gs, got, strict=True):
                 v, i = reduced_code(sae, pre, vals, idx, order[:g], "masked")
                 expect = xc_n - sparse_decode(v, i, sae.W_dec)
