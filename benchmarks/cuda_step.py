@@ -12,6 +12,7 @@ needs only torch, transformers, safetensors and pydantic, so it runs without Ray
 2. A torch.profiler table of three sync-free bf16 steps (profile.txt under --out).
 3. The LM splice on the device: a tiny random Llama's fast path against its full spliced forward (CE/KL within
    1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included, with its host syncs.
+4. The splice's speed on a SmolLM2-shaped random LM at the scorer's CPU-sized batching and at a GPU-sized one.
 Writes cuda_step.json (every number above) and profile.txt to --out (default: $OUT, else ./cuda_step_out).
 `--quick` shrinks every size (a CPU smoke run: tests/test_sync_free.py). Each section's numbers are written as
 soon as it ends, and a section that fails records its traceback instead, so one late failure loses nothing else.
@@ -228,6 +229,43 @@ def splice_and_evaluate(device: torch.device, a) -> dict:
     return out
 
 
+def splice_speed(device: torch.device, a) -> dict:
+    """Seconds to splice 6 reconstructions into a SmolLM2-135M-shaped Llama (random weights: no download) on 64
+    contexts of 33 tokens, the default spec's splice, per (batch_size, max_batch_tokens): the scorer's defaults
+    are sized for a CPU, and this says what a GPU wants (`SpliceScorer`'s two knobs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sae.lm import wrap_model
+    from sae.splice import SpliceScorer
+
+    shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152)
+    if a.quick:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=128, **shape)).to(device=device, dtype=dtype)
+    lm = wrap_model(model.eval(), name="smollm2-shaped")
+    ids = torch.randint(0, shape["vocab_size"], (64, 33), generator=torch.Generator().manual_seed(3))
+    recs = [lambda x, s=s: x * (1 - 0.02 * s) for s in range(6)]
+    out = {}
+    for batch_size, max_tokens in ((8, 8192), (64, 65536)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scorer = SpliceScorer(lm, ids, f"resid_post.{shape['num_hidden_layers'] // 2}", batch_size=batch_size,
+                                  max_batch_tokens=max_tokens, n_boot=100)
+        scorer.score_many(recs[:1])  # warm-up
+        _sync(device)
+        t = time.perf_counter()
+        scorer.score_many(recs)
+        _sync(device)
+        out[f"batch{batch_size}_tokens{max_tokens}_seconds"] = time.perf_counter() - t
+    print(f"splice of 6 reconstructions, SmolLM2-shaped, {dtype}: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -252,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"env": env}
     failed = []
     for name, section in (("training", training), ("profile", profile_step),
-                          ("splice_and_evaluate", lambda dev, args, _out: splice_and_evaluate(dev, args))):
+                          ("splice_and_evaluate", lambda dev, args, _out: splice_and_evaluate(dev, args)),
+                          ("splice_speed", lambda dev, args, _out: splice_speed(dev, args))):
         try:
             result[name] = section(device, a, out)
         except Exception:  # noqa: BLE001 - a lease has no time to rerun: keep every other section's numbers
