@@ -145,4 +145,5 @@ def test_the_prepared_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert checks["splice_ce_diff"] < 1e-4 and checks["splice_kl_diff"] < 1e-4
     assert 0 < checks["evaluate_full_fvu"] < 1 and 0 < checks["evaluate_kl_score"] <= 1
     assert checks["evaluate_syncs"] is None
-    assert len(result["splice_speed"]) == 2 and min(result["splice_speed"].values()) > 0
+    speeds = result["splice_speed"]
+    assert len(speeds) == 2 and all(v["seconds"] > 0 and v["path"] in ("fast", "full") for v in speeds.values())
