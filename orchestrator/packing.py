@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from orchestrator.spec import SweepSpec, TrialPoint
+from sae.evaluate import EVAL_BATCH_TOKENS
 from sae.lm import ModelInfo
 from sae.splice import LOSS_CHUNK_ELEMS
 from sae.train import AUXK_DENSE_MIN_DENSITY
@@ -85,10 +86,14 @@ def trial_memory(spec: SweepSpec, points: list[TrialPoint], *, d: int, lm: Model
     # (benchmarks/sweep_cost.py, default spec: 2.30-2.34 GB per one-point trial, 2.41 GB for the 4-point pack)
     # this estimate is 1.12-1.16x (2.58-2.73 GB): on the safe side, within 20%
     loss_chunk = min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
-    eval_acts = spec.eval_tokens * d * 4 * 3  # the eval set, its normalised copy and one reconstruction
+    # on a CPU the eval set, its normalised copy and one reconstruction, and one SAE's pre-activations and code
+    # over it; a GPU trial keeps the eval set and the codes in host memory and holds one batch of each
+    rows = spec.eval_tokens if device != "cuda" else min(spec.eval_tokens, EVAL_BATCH_TOKENS)
+    eval_acts = rows * d * 4 * 3
     widest = max(p.n_latents for p in points)
-    encode = spec.eval_tokens * widest * 4 * 2  # one SAE's pre-activations and code over the eval set
-    importance = spec.eval.importance_tokens * d * 4
+    encode = rows * widest * 4 * 2
+    importance = (spec.eval.importance_tokens if device != "cuda" else min(spec.eval.importance_tokens,
+                                                                            EVAL_BATCH_TOKENS)) * d * 4
     weights = sum(4 * (2 * d * p.n_latents) for p in points)
     evaluation = base + lm_bytes + clean_p + loss_chunk + eval_acts + encode + importance + weights
     return MemoryEstimate(train=train, eval=evaluation)

@@ -50,6 +50,7 @@ from sae.prune import (
 )
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
+EVAL_BATCH_TOKENS = 4096  # tokens per evaluation batch: what a GPU holds of the eval set at once
 PRIMARY_RULE = "masked"
 MONOTONE_TOLERANCE = 0.01  # a progressive code's masked FVU may rise by at most 1% from one G to the next
 # scorer(reconstruct) -> dict with ce_score, kl_score and their _lo/_hi bounds; see sae.splice.SpliceScorer
@@ -83,7 +84,7 @@ class EvalData:
     context_ids: Tensor
     doc_ids: Tensor
     labels: list[str] | None = None
-    batch_size: int = 4096
+    batch_size: int = EVAL_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         n = self.acts.shape[0]

@@ -86,6 +86,20 @@ def test_memory_estimate_grows_with_the_dictionary_and_the_lm():
         assert grown - trial_memory(spec, [small], d=64, lm=LM, shard_rows=512).eval == 2 * width * LM.n_params
 
 
+def test_gpu_estimate_counts_one_eval_batch_not_the_eval_set():
+    """A GPU trial keeps the eval set and its codes in host memory (one batch at a time on the GPU), so its
+    estimate must not grow with eval_tokens x n_latents, which would refuse sweeps that fit (a paper-sized eval
+    set is tens of GB of codes); a CPU trial holds them all."""
+    point = spec_with().trial_points()[4]
+    est = {}
+    for tokens in (8192, 65536):
+        spec = load_spec("smoke", {**spec_with().model_dump(), "eval_tokens": tokens})
+        est[tokens] = {dev: trial_memory(spec, [point], d=64, lm=LM, shard_rows=512, device=dev).eval
+                       for dev in ("cpu", "cuda")}
+    assert est[65536]["cpu"] - est[8192]["cpu"] >= (65536 - 8192) * point.n_latents * 8
+    assert est[65536]["cuda"] == est[8192]["cuda"]
+
+
 def test_pack_setting_is_validated():
     for bad in (0, -1, "all", True):
         with pytest.raises(SpecError, match="pack"):
