@@ -16,6 +16,10 @@ replacement and the clean, zero and spliced per-context means are resampled with
 interval reflects which contexts were drawn, not the model's randomness (see docs/science.md).
 
 Seconds per reconstruction, SmolLM2-135M, resid_post.15, 64 contexts x 64 tokens, CPU float32, 1 thread: fast 6.6, full 10.4.
+Batching matters in bf16: on the dev box (AMX, default spec's 64 x 33 splice, 6 reconstructions) the fast path's
+rerun of the first batch is bit-exact at batch_size 8 and 64, but the kernels picked for 4, 16 and 32 contexts
+round differently (0.004-0.016 nats per context), so at 16 and 32 the check falls back to the full path
+(15-16 s against 10 s at 8); batch 64 is not faster on a CPU (12.4 s).
 """
 
 from __future__ import annotations
