@@ -206,26 +206,29 @@ def splice_and_evaluate(device: torch.device, a) -> dict:
     n_tok = 2048 if a.quick else 16384
     x = make_data(1, n_tok, 64, torch.device("cpu"), seed=2)[0]
     tc = TrainConfig(device=str(device), warmup_steps=5, lr=3e-3, total_tokens=n_tok * 4)
-    trainer = Trainer([(SAEConfig(d_in=64, n_latents=256, k=8, partition=(32, 64, 128, 256)), tc)])
-    trainer.fit(b for _ in range(4) for b in x[torch.randperm(n_tok)].split(256))
-    sae = trainer.release()[0]
     n_eval = 16 * 32
     data = EvalData(acts=x[:n_eval], token_ids=ids[:, 1:].reshape(-1), context_ids=torch.arange(n_eval) // 32,
                     doc_ids=torch.arange(n_eval) // 32, labels=["a" if i % 64 < 32 else "b" for i in range(n_eval)],
                     batch_size=256)
     opts = EvalOptions(granularities=(32, 64, 128, 256), random_draws=2)
-    ranking = latent_stats(sae, x[:2048].to(device))
-    t = time.perf_counter()
-    report = evaluate_progressive(sae, data, opts, fast, ranking=ranking)
-    out["evaluate_seconds"] = time.perf_counter() - t
-    syncs, where = count_syncs(device, lambda: evaluate_progressive(sae, data, opts, fast, ranking=ranking))
-    out["evaluate_syncs"], out["evaluate_first_sync"] = syncs, where
-    out["evaluate_full_fvu"] = report.final.get("fvu")
-    out["evaluate_kl_score"] = report.final.get("kl_score")  # random LM weights: ce_score may be NaN (no CE gap)
-    print(f"evaluate_progressive on {device}: {out['evaluate_seconds']:.1f}s, fvu {out['evaluate_full_fvu']:.4f}, "
-          f"kl_score {out['evaluate_kl_score']:.4f}, host syncs {'n/a' if syncs is None else syncs}", flush=True)
-    if where:
-        print(f"  first sync of the evaluation:\n{where}", flush=True)
+    kinds = {"matryoshka_topk": SAEConfig(d_in=64, n_latents=256, k=8, partition=(32, 64, 128, 256)),
+             "batchtopk": SAEConfig(d_in=64, n_latents=256, k=8, architecture="batchtopk")}
+    for kind, cfg in kinds.items():
+        trainer = Trainer([(cfg, tc)])
+        trainer.fit(b for _ in range(4) for b in x[torch.randperm(n_tok)].split(256))
+        sae = trainer.release()[0]
+        ranking = latent_stats(sae, x[:2048].to(device))
+        t = time.perf_counter()
+        report = evaluate_progressive(sae, data, opts, fast, ranking=ranking)
+        row = out[f"evaluate_{kind}"] = {"seconds": time.perf_counter() - t}
+        syncs, where = count_syncs(device, lambda s=sae, r=ranking: evaluate_progressive(s, data, opts, fast, ranking=r))
+        row["syncs"], row["first_sync"] = syncs, where
+        row["full_fvu"] = report.final.get("fvu")
+        row["kl_score"] = report.final.get("kl_score")  # random LM weights: ce_score may be NaN (no CE gap)
+        print(f"evaluate_progressive ({kind}) on {device}: {row['seconds']:.1f}s, fvu {row['full_fvu']:.4f}, "
+              f"kl_score {row['kl_score']:.4f}, host syncs {'n/a' if syncs is None else syncs}", flush=True)
+        if where:
+            print(f"  first sync of the evaluation:\n{where}", flush=True)
     return out
 
 

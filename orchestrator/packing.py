@@ -88,14 +88,18 @@ def trial_memory(spec: SweepSpec, points: list[TrialPoint], *, d: int, lm: Model
     loss_chunk = min(LOSS_CHUNK_ELEMS, spec.eval.splice_contexts * (length - 1) * lm.vocab_size) * 4
     # on a CPU the eval set, its normalised copy and one reconstruction, and one SAE's pre-activations and code
     # over it; a GPU trial keeps the eval set and the codes in host memory and holds one batch of each
-    rows = spec.eval_tokens if device != "cuda" else min(spec.eval_tokens, EVAL_BATCH_TOKENS)
+    # (the largest: an eval batch, RSA's sample, or one splice batch of 8 contexts, encoded at once)
+    splice_rows = 8 * ((spec.eval.splice_length or spec.context_length) - 1)
+    batch_rows = max(EVAL_BATCH_TOKENS, spec.eval.rsa_tokens, splice_rows)
+    rows = spec.eval_tokens if device != "cuda" else min(spec.eval_tokens, batch_rows)
     eval_acts = rows * d * 4 * 3
+    rsa = 2 * spec.eval.rsa_tokens**2 * 8  # RSA's float64 Gram matrices of x and of one reconstruction
     widest = max(p.n_latents for p in points)
     encode = rows * widest * 4 * 2
     importance = (spec.eval.importance_tokens if device != "cuda" else min(spec.eval.importance_tokens,
                                                                             EVAL_BATCH_TOKENS)) * d * 4
     weights = sum(4 * (2 * d * p.n_latents) for p in points)
-    evaluation = base + lm_bytes + clean_p + loss_chunk + eval_acts + encode + importance + weights
+    evaluation = base + lm_bytes + clean_p + loss_chunk + eval_acts + encode + importance + weights + rsa
     return MemoryEstimate(train=train, eval=evaluation)
 
 

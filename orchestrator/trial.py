@@ -35,7 +35,7 @@ from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, TrialPoint, points_from_config
 from sae.checkpoint import load_trainer_state, save_sae, save_trainer_state
 from sae.corpus import special_ids
-from sae.evaluate import EvalData, evaluate_progressive, principal_method
+from sae.evaluate import EVAL_BATCH_TOKENS, EvalData, evaluate_progressive, principal_method
 from sae.export import RESULT_FILE, SAE_DIR, SAELENS_DIR, SPEC_KEYS, spec_metadata, write_saelens
 from sae.importance import latent_stats
 from sae.lm import load_lm
@@ -64,7 +64,7 @@ def training_batches(store: str, spec: SweepSpec, seed: int, device: str):
             yield to_device(batch, device)
 
 
-def importance_sample(store: str, tokens: int, batch_size: int = 4096):
+def importance_sample(store: str, tokens: int, batch_size: int = EVAL_BATCH_TOKENS):
     """A fixed, seeded sample of TRAINING activations that ranks the latents (eval tokens only score them)."""
     got = 0
     for batch in iter_batches(store, batch_size, shuffle=True, seed=7919):

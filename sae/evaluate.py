@@ -48,6 +48,7 @@ from sae.prune import (
     order_latents,
     reduced_code,
 )
+from sae.train import to_device
 
 CURVE_METHODS = ("prefix", "prune_ez2", "prune_freq", "prune_random")
 EVAL_BATCH_TOKENS = 4096  # tokens per evaluation batch: what a GPU holds of the eval set at once
@@ -315,7 +316,7 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
                        torch.zeros(d, dtype=torch.float64, device=device)]
     all_vals, all_idx = [], []
     for x in data.batches():
-        x = x.to(device).float()
+        x = to_device(x, device).float()
         xc_n, pre = sae.pre_activations(sae.normalise(x))  # xc_n: normalised x minus b_dec
         vals, idx = sae.select(pre)
         all_vals.append(vals.float().cpu())

@@ -133,7 +133,10 @@ def reduced_code(sae, pre: Tensor, full_vals: Tensor, full_idx: Tensor, kept: Te
     else:  # BatchTopK's inference threshold is per token and latent, so this equals the masked code
         sub = sub.to(full_vals.dtype)
         active = sub > sae.threshold.clamp_min(0)
-        width = max(1, int(active.sum(1).max()))
+        # a token's active kept latents are among its active latents, so the full code's width bounds them: off
+        # the CPU that fixed width saves a host read of the exact one
+        width = (max(1, int(active.sum(1).max())) if pre.device.type == "cpu"
+                 else max(1, min(full_vals.shape[1], g)))
         vals, idx = sub.masked_fill(~active, 0).topk(width, dim=1, sorted=False)
     return vals, kept[idx]
 
