@@ -8,7 +8,8 @@ Host syncs: on a CPU they are free, so the step takes data-dependent shapes wher
 kept width, AuxK over the dead latents only, COO sparse matmuls, which coalesce). On an accelerator each one
 stalls the pipeline, so a `sync_free` step (`SparseAutoencoder.sync_free`, set by the Trainer) keeps every shape
 fixed: the full BatchTopK width, gradients by index_add_ (`coo_mm(sync_free=True)`), AuxK masked over all
-latents (sae.train). Both give the same numbers up to float rounding (tests/test_sync_free.py).
+latents (sae.train). Both give the same numbers up to float rounding in fp32, and nearly so in bf16, where
+tied pre-activations may pick different latents (tests/test_sync_free.py).
 
 Spaces: W_dec and b_dec live in *normalised* space (raw x times `cfg.input_scale`, so the mean input norm is
 sqrt(d_in)); `encode` takes raw x and `decode` returns raw x, so a saved SAE maps raw activations to raw.

@@ -3,8 +3,7 @@
 Per step and SAE: one dense encoder matmul, TopK / BatchTopK selection, a sparse decode (vanilla, or the
 Matryoshka per-group partial decodes), optional AuxK on dead latents (sparse, or dense over the dead columns when
 its code is dense enough: `auxk_loss`; on an accelerator masked over all latents, `auxk_loss_masked`), sparse
-encoder gradients (`SparseEncoderGrad`), decoder-gradient
-projection, Adam, then decoder rows back to unit norm.
+encoder gradients (`SparseEncoderGrad`), decoder-gradient projection, Adam, then decoder rows back to unit norm.
 State (weights, Adam moments, dead counters, thresholds, counters) round-trips through `state_dict` so a run
 resumes bit-for-bit on the same CPU (on CUDA, atomic adds in index_add_ and sparse coalescing make runs
 reproducible only up to float rounding).
