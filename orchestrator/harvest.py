@@ -170,7 +170,7 @@ def _verified_sidecar(store: ShardStore, index: int) -> dict[str, Any] | None:
     if not (store.has(side) and store.has(shard)):
         return None
     info = store.read_json(side)
-    if hashlib.sha256(store.read_bytes(shard)).hexdigest() != info["sha256"]:
+    if hashlib.sha256(store.read_buffer(shard)).hexdigest() != info["sha256"]:
         log.warning("shard %s fails its checksum; recomputing it", store.file(shard))
         return None
     return info

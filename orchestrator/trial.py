@@ -58,9 +58,11 @@ def pick_device(requested: str) -> str:
 
 
 def training_batches(store: str, spec: SweepSpec, seed: int, device: str):
-    """The deterministic stream of training batches over all epochs (reshuffled per epoch)."""
+    """The deterministic stream of training batches over all epochs (reshuffled per epoch). Each shard's hash is
+    checked in the first epoch; the later ones read the same, already checked files."""
     for epoch in range(spec.train.epochs):
-        for batch in iter_batches(store, spec.train.batch_size, shuffle=True, seed=seed * 1009 + epoch):
+        for batch in iter_batches(store, spec.train.batch_size, shuffle=True, seed=seed * 1009 + epoch,
+                                  verify=epoch == 0):
             yield to_device(batch, device)
 
 

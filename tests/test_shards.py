@@ -156,3 +156,87 @@ def test_shard_store_names_one_store_by_uri_and_travels_as_it(tmp_path):
     (tmp_path / "root" / "key" / shards.MANIFEST).unlink()
     with pytest.raises(ShardError, match="no manifest.json.*run harvest"):
         store.manifest()
+
+
+def _write_format_1_shard(path, index: int, act: torch.Tensor, dtype: str) -> dict:
+    """A shard as format 1 wrote it (act a fixed_size_list of floats, bf16 as uint16 bits): stores harvested
+    before format 2 must still stream."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stored = act.to(getattr(torch, dtype))
+    flat = stored.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else stored.numpy()
+    value_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
+    rows = np.arange(index * ROWS, (index + 1) * ROWS)
+    table = pa.table({
+        "act": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=value_type), D),
+        "token_id": pa.array(rows.astype(np.int32)), "context_id": pa.array((rows // 10).astype(np.int32)),
+        "position": pa.array((rows % 10 + 1).astype(np.int32)), "doc_id": pa.array((rows // 25).astype(np.int64)),
+        "label": pa.DictionaryArray.from_arrays(pa.array((rows // 25 % 2).astype(np.int32)), pa.array(LABELS)),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="none")
+    data = sink.getvalue().to_pybytes()
+    name = shards.shard_name(index)
+    (path / name).write_bytes(data)
+    return {"name": name, "rows": ROWS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "first_context": index * 5, "n_contexts": 5}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_format_1_store_still_streams(tmp_path, dtype):
+    act = torch.randn(2 * ROWS, D, generator=torch.Generator().manual_seed(1))
+    infos = [_write_format_1_shard(tmp_path, i, act[i * ROWS:(i + 1) * ROWS], dtype) for i in range(2)]
+    write_manifest(str(tmp_path), Manifest(
+        key="k", model="m", revision="r", site="resid_post.0", corpus="c", split="train", tokens=2 * ROWS, d=D,
+        dtype=dtype, mean_norm=1.0, context_length=11, n_contexts=10, contexts_per_shard=5, labels=LABELS,
+        shards=infos, format=1))
+    recs = list(iter_records(str(tmp_path), 64))
+    assert torch.equal(torch.cat([r["act"] for r in recs]), act.to(getattr(torch, dtype)).float())
+    assert torch.cat([r["token_id"] for r in recs]).tolist() == list(range(2 * ROWS))
+    verify_store(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+    m.d = D + 1
+    write_manifest(str(tmp_path), m)
+    with pytest.raises(ShardError, match=r"holds vectors of width 8, the manifest says d=9"):
+        load_shard(str(tmp_path), m, 0)
+    m.format = 3
+    write_manifest(str(tmp_path), m)
+    with pytest.raises(ShardError, match=r"manifest format 3, this code reads 1 and 2; delete .* rerun the harvest"):
+        read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_shard_describes_itself_to_any_parquet_reader(tmp_path, dtype):
+    """act is one fixed-length binary value per row, its field naming dtype and d: a reader without this code
+    (pandas, Ray Data, DuckDB) decodes it with a reshape."""
+    import pyarrow.parquet as pq
+
+    store, act = make_store(tmp_path, dtype, n_shards=1)
+    table = pq.read_table(tmp_path / "shard-00000.parquet")
+    field = table.schema.field("act")
+    assert field.type.byte_width == D * getattr(torch, dtype).itemsize
+    assert field.metadata == {b"dtype": dtype.encode(), b"d": str(D).encode()}
+    raw = np.frombuffer(b"".join(table.column("act").to_pylist()), dtype=np.uint8)
+    decoded = torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).view(-1, D)
+    assert torch.equal(decoded, act.to(getattr(torch, dtype)))
+
+
+def test_a_stream_hashes_each_shard_once_and_shuffles_a_buffer_by_its_seeded_permutation(tmp_path, monkeypatch):
+    """Epochs after the first read the same, already checked files; a buffer's batches are the concatenated
+    shards under torch.randperm of the stream's generator (changing that would silently change every SAE)."""
+    import hashlib
+    import random
+
+    store, act = make_store(tmp_path)
+    hashed, real_sha256 = [], hashlib.sha256
+    monkeypatch.setattr(shards.hashlib, "sha256", lambda data: hashed.append(1) or real_sha256(data))
+    batches = list(iter_batches(store, 1000, columns=("token_id",), seed=5, epochs=3, buffer_shards=N_SHARDS))
+    assert len(hashed) == N_SHARDS and len(batches) == 3
+    order = list(range(N_SHARDS))
+    random.Random(5 * 1_000_003 + 0).shuffle(order)
+    concatenated = torch.cat([torch.arange(i * ROWS, (i + 1) * ROWS) for i in order])
+    expected = concatenated[torch.randperm(N_SHARDS * ROWS, generator=torch.Generator().manual_seed(5))]
+    assert torch.equal(batches[0], expected)
