@@ -193,7 +193,7 @@ class _Reduced:
     draw: int = 0
     mask: Tensor | None = None
     acc: ReconstructionAccumulator = field(default_factory=ReconstructionAccumulator)
-    fired: Tensor | None = None
+    fires: Tensor | None = None  # [n] how many eval tokens each latent fired on (long)
     grams: list[Tensor] | None = None  # [x_hat^T x_hat, x_hat^T x, sum x_hat] for CKA, when asked
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -222,8 +222,12 @@ def reduced_saes(sae, ranking: LatentStats, opts: EvalOptions) -> list[_Reduced]
                     kept = order[:g].to(device)
                     mask = torch.zeros(n, dtype=torch.bool, device=device)
                     mask[kept] = True
-                    out.append(_Reduced(method, g, rule, kept, d, mask, fired=torch.zeros(n, dtype=torch.bool, device=device)))
+                    out.append(_Reduced(method, g, rule, kept, d, mask, fires=_no_fires(n, device)))
     return out
+
+
+def _no_fires(n: int, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=torch.long, device=device)
 
 
 def _code(sae, r: _Reduced | None, pre: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,8 +283,7 @@ class _Batch(NamedTuple):
         """Add this batch to r's metrics, from its code (v, i) and its residual x - x_hat in the SAE's units."""
         r.acc.update_residual(residual, v, moments=self.moments, to_raw=self.to_raw)
         if r.rule != "masked":  # a masked code fires where the full one does, on its kept latents (_score_all)
-            hits = torch.zeros(r.fired.shape, dtype=torch.int32, device=i.device)  # fixed shapes: no host read
-            r.fired |= hits.index_add_(0, i.reshape(-1), (v > 0).reshape(-1).to(torch.int32)) > 0
+            r.fires.index_add_(0, i.reshape(-1), (v > 0).reshape(-1).long())  # fixed shapes: no host read
         if r.grams is not None:
             xhc = (self.xc_n - residual + self.b_dec) * self.to_raw - self.shift
             r.grams[0] += (xhc.T @ xhc).double()
@@ -298,10 +301,10 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
     n, d = sae.cfg.n_latents, sae.cfg.d_in
     to_raw = 1.0 / sae.cfg.input_scale
     detailed = opts.detailed_methods(sae.cfg.is_matryoshka)
-    full = _Reduced("full", n, "-", None, fired=torch.zeros(n, dtype=torch.bool, device=device))
+    full = _Reduced("full", n, "-", None, fires=_no_fires(n, device))
     # CKA's sums are taken about the eval mean: they stay of the order of the covariance, so float32 matmuls lose
     # nothing to cancellation (CKA centres exactly, whatever the shift) and cost a fraction of float64 ones
-    shift = sum(chunk.sum(0, dtype=torch.float64) for chunk in data.acts.split(8192)) / data.acts.shape[0]
+    shift = sum(chunk.sum(0, dtype=torch.float64) for chunk in data.batches()) / data.acts.shape[0]
     shift = shift.to(device=device, dtype=torch.float32)  # summed in chunks: no float64 copy of the eval set
     gram_x = torch.zeros(d, d, dtype=torch.float64, device=device)
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
@@ -347,10 +350,10 @@ def _score_all(sae, data: EvalData, reduced: list[_Reduced], opts: EvalOptions
     rsa = RSAReference(x_s, n_tokens=opts.rsa_tokens, seed=opts.random_seed)  # x's distances ranked once, not per SAE
     for r in items:
         if r.rule == "masked" and r.mask is not None:
-            r.fired = full.fired & r.mask
+            r.fires = torch.where(r.mask, full.fires, 0)
         m = r.acc.result()
         del m["tokens"]
-        m["dead_fraction"] = 1.0 - float(r.fired.sum()) / r.g
+        m["dead_fraction"] = 1.0 - float((r.fires > 0).sum()) / r.g
         if r.grams is not None:  # the detailed methods: similarity too
             x_hat_s = sae.decode(*_code(sae, r, pre_s, vals_s, idx_s)).float()
             m["rsa"] = rsa(x_hat_s)

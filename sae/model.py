@@ -30,6 +30,13 @@ from sae.config import SAEConfig
 BATCHTOPK_ROW_CAP = 4  # in training, one token may keep at most this many times k latents (bounds memory)
 
 
+def fixed_shapes_on(device: torch.device, override: bool | None = None) -> bool:
+    """Whether work on `device` keeps its shapes fixed instead of reading a data-dependent size from it: off the
+    CPU, where each such read stalls the device's queue, unless `override` says. The one rule for training
+    (`SparseAutoencoder.sync_free`) and evaluation (sae.prune's reduced codes and masked residuals)."""
+    return device.type != "cpu" if override is None else override
+
+
 @contextlib.contextmanager
 def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """The module in eval mode for the block, then back in the mode it was in: an evaluation inside a training

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sae.config import SAEConfig
 from sae.importance import LatentStats
-from sae.model import sparse_decode
+from sae.model import fixed_shapes_on, sparse_decode
 
 ORDERINGS = ("ez2", "freq", "random")  # importance orderings for a vanilla SAE (claim 3)
 MEASURES = (*ORDERINGS, "prefix")  # "prefix" = identity order, the natural one for a Matryoshka SAE
@@ -135,8 +135,8 @@ def reduced_code(sae, pre: Tensor, full_vals: Tensor, full_idx: Tensor, kept: Te
         active = sub > sae.threshold.clamp_min(0)
         # a token's active kept latents are among its active latents, so the full code's width bounds them: off
         # the CPU that fixed width saves a host read of the exact one
-        width = (max(1, int(active.sum(1).max())) if pre.device.type == "cpu"
-                 else max(1, min(full_vals.shape[1], g)))
+        width = (max(1, min(full_vals.shape[1], g)) if fixed_shapes_on(pre.device)
+                 else max(1, int(active.sum(1).max())))
         vals, idx = sub.masked_fill(~active, 0).topk(width, dim=1, sorted=False)
     return vals, kept[idx]
 
@@ -208,7 +208,7 @@ def nested_masked_residuals(W_dec: Tensor, residual: Tensor, vals: Tensor, idx: 
     upper = n_latents + 1
     for kept in reversed(prefixes):
         band = (entry_rank >= kept.numel()) & (entry_rank < upper) & (vals != 0)
-        if not (vals.device.type != "cpu" if fixed_shapes is None else fixed_shapes):
+        if not fixed_shapes_on(vals.device, fixed_shapes):
             counts = band.sum(1)
             offsets = torch.zeros_like(counts)
             offsets[1:] = counts.cumsum(0)[:-1]
