@@ -1,6 +1,7 @@
 """The GPU check: host syncs and speed of one training step, a profile of it, the LM splice and an evaluation on
 the device. Prepared for a short lease of a GPU machine (docs/architecture.md, "Checking the CUDA paths"); it
-needs only torch, transformers, safetensors and pydantic, so it runs without Ray or MLflow.
+needs only torch, transformers, safetensors and pydantic (pyarrow for section 4), so it runs without Ray or
+MLflow.
 
     python benchmarks/cuda_step.py [--device cuda] [--out DIR] [--quick]
 
@@ -12,7 +13,9 @@ needs only torch, transformers, safetensors and pydantic, so it runs without Ray
 2. A torch.profiler table of three sync-free bf16 steps (profile.txt under --out).
 3. The LM splice on the device: a tiny random Llama's fast path against its full spliced forward (CE/KL within
    1e-4), and `evaluate_progressive` of a small SAE trained on the device, scorer included, with its host syncs.
-4. The splice's speed on a SmolLM2-shaped random LM at the scorer's CPU-sized batching and at a GPU-sized one.
+4. The feed from a shard store (needs pyarrow): its tokens/s alone, and the sync-free step fed in line against
+   fed through the GPU trial's prefetch thread (`sae.train.prefetched`).
+5. The splice's speed on a SmolLM2-shaped random LM at the scorer's CPU-sized batching and at a GPU-sized one.
 Writes cuda_step.json (every number above) and profile.txt to --out (default: $OUT, else ./cuda_step_out).
 `--quick` shrinks every size (a CPU smoke run: tests/test_sync_free.py). Each section's numbers are written as
 soon as it ends, and a section that fails records its traceback instead, so one late failure loses nothing else.
@@ -270,6 +273,55 @@ def splice_speed(device: torch.device, a) -> dict:
     return out
 
 
+def feed_from_store(device: torch.device, a, out: Path) -> dict:
+    """A trial's feed on the device: a shard store's batches (orchestrator.shards, needs pyarrow) shuffled, pinned
+    and copied, alone and feeding the sync-free bf16 step, with and without the GPU trial's prefetch thread."""
+    import numpy as np
+
+    from orchestrator.shards import Manifest, iter_batches, write_manifest, write_shard
+    from sae.train import prefetched
+
+    d, n, k, B = a.d_in, a.n_latents, a.k, a.batch_size
+    rows, n_shards = 2 * B, 8  # 16 batches per pass, a buffer of 4 shards as in a trial
+    store = out / "feed_store"
+    infos = []
+    for i in range(n_shards):
+        ids = np.arange(i * rows, (i + 1) * rows)
+        cols = {"token_id": ids.astype(np.int32), "context_id": ids.astype(np.int32),
+                "position": np.ones(rows, np.int32), "doc_id": ids.astype(np.int64)}
+        info = write_shard(str(store), i, torch.randn(rows, d), "float32", cols, ["-"], np.zeros(rows, np.int32),
+                           first_context=i * rows, n_contexts=rows)
+        infos.append({key: info[key] for key in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")})
+    write_manifest(str(store), Manifest(
+        key="feed", model="-", revision="-", site="-", corpus="-", split="train", tokens=n_shards * rows, d=d,
+        dtype="float32", mean_norm=1.0, context_length=2, n_contexts=n_shards * rows, contexts_per_shard=rows,
+        labels=["-"], shards=infos))
+
+    def stream(epoch: int):
+        for x in iter_batches(str(store), B, seed=epoch, verify=epoch == 0):
+            yield to_device(x, device)
+
+    tc = TrainConfig(device=str(device), warmup_steps=0, compute_dtype="bfloat16", aux_tokens=None)
+    case = Case(SAEConfig(d_in=d, n_latents=n, k=k), tc, True)
+    for x in stream(0):  # warm-up pass: hashes the shards once, warms the page cache and the kernels
+        case.step(x)
+    feed = {}
+    for name, depth in (("feed_only", None), ("step_fed_in_line", 0), ("step_fed_prefetched", 4)):
+        _sync(device)
+        t = time.perf_counter()
+        tokens = 0
+        for x in stream(1) if depth is None else prefetched(stream(1), depth):
+            tokens += x.shape[0]
+            if depth is not None:
+                case.step(x)
+        _sync(device)
+        feed[f"{name}_tokens_per_s"] = tokens / (time.perf_counter() - t)
+    print(f"feed from a shard store (d={d}): feed alone {feed['feed_only_tokens_per_s']:,.0f} tok/s; topk_bf16 fed "
+          f"in line {feed['step_fed_in_line_tokens_per_s']:,.0f} tok/s, prefetched "
+          f"{feed['step_fed_prefetched_tokens_per_s']:,.0f} tok/s", flush=True)
+    return feed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -293,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env), flush=True)
     result: dict = {"env": env}
     failed = []
-    for name, section in (("training", training), ("profile", profile_step),
+    for name, section in (("training", training), ("profile", profile_step), ("feed_from_store", feed_from_store),
                           ("splice_and_evaluate", lambda dev, args, _out: splice_and_evaluate(dev, args)),
                           ("splice_speed", lambda dev, args, _out: splice_speed(dev, args))):
         try:

@@ -37,6 +37,7 @@ class Phase(StrEnum):
     """The kinds of report a trial sends Tune (the values are what Tune stores, so restored sweeps read them)."""
 
     TRAIN = "train"  # training metrics, per point as "<point key>/<metric>"; the driver logs them to each run
+    TRAINED = "trained"  # training ended: the trained SAEs are in the checkpoint just reported
     EVALUATED = "evaluated"  # one point's bundle is in the checkpoint just reported
     DONE = "eval"  # the trial's last report: every point has its bundle or its error.txt
 
@@ -70,6 +71,16 @@ class TrainReport:
         return cls(int(result["tokens_seen"]), int(result.get("step", 0)),
                    {key: {k.removeprefix(f"{key}/"): v for k, v in result.items() if k.startswith(f"{key}/")}
                     for key in keys})
+
+
+@dataclass(frozen=True)
+class TrainedReport:
+    """Training ended at `step`: a retry from the checkpoint reported with this goes straight to evaluation."""
+
+    step: int
+
+    def to_tune(self) -> dict[str, Any]:
+        return {PHASE: Phase.TRAINED, "step": self.step}
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ class TrainSpec(TrainSettings):
     epochs: int = Field(1, ge=1, le=10_000, description="passes over the harvested training tokens")
     report_every_steps: int = Field(10, ge=1, le=10**9, description="steps between training metrics sent to Tune")
     checkpoint_every_steps: int = Field(50, ge=1, le=10**9, description="steps between resumable checkpoints")
+    checkpoint_min_seconds: float = Field(
+        120.0, ge=0, le=10**7, description="at most one checkpoint per this many seconds of training: a checkpoint "
+                                           "copies every SAE's weights and Adam moments into Tune's storage, which "
+                                           "on a GPU takes longer than the steps between two")
 
 
 class EvalSpec(EvalSettings):

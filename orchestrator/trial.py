@@ -6,7 +6,8 @@ outcome: a non-finite loss stops that SAE only, an evaluation error fails that p
 point's bundle is checkpointed as soon as it exists, so a restarted trial redoes neither its training nor the
 evaluations already done. The trial only computes; it never writes MLflow. It reports training metrics to Tune
 as `<point key>/<metric>` (the driver's tracking callback logs them to each point's run) and saves its state as
-a Tune checkpoint every few steps. Its checkpoint holds trainer.safetensors + trainer.json (no pickle) and
+a Tune checkpoint every few steps (no more often than `train.checkpoint_min_seconds`) and when training ends.
+Its checkpoint holds trainer.safetensors + trainer.json (no pickle) and
 points/<point key>/ with either the result bundle (result.json: final metrics, curves with step = G, power law;
 the SAE as safetensors + cfg.json; its SAELens export in sae_lens/; plots) or error.txt.
 """
@@ -29,7 +30,15 @@ import ray
 import torch
 from ray import tune
 
-from orchestrator.bundle import ERROR_FILE, DoneReport, EvaluatedReport, TrainReport, point_dir, point_done
+from orchestrator.bundle import (
+    ERROR_FILE,
+    DoneReport,
+    EvaluatedReport,
+    TrainedReport,
+    TrainReport,
+    point_dir,
+    point_done,
+)
 from orchestrator.packing import MB
 from orchestrator.shards import iter_batches, iter_records, read_manifest
 from orchestrator.spec import SweepSpec, TrialPoint, points_from_config
@@ -41,12 +50,14 @@ from sae.importance import latent_stats
 from sae.lm import load_lm
 from sae.plots import plot_importance, plot_pruning_curves
 from sae.splice import SpliceScorer
-from sae.train import Trainer, to_device
+from sae.train import Trainer, prefetched, to_device
 
 TRAINER_STATE = "trainer"  # trainer.safetensors + trainer.json (sae.checkpoint.save_trainer_state)
 TRAIN_FINAL = "train_final.json"  # each point's last training metrics, for a trial restarted after training
+PREFETCH_BATCHES = 4  # training batches a GPU trial's host prepares ahead of the step
 INJECT_NAN_ENV = "SAE_FRONTIER_INJECT_NAN"
 INJECT_CRASH_ENV = "SAE_FRONTIER_INJECT_CRASH"
+INJECT_CRASH_AT_ENV = "SAE_FRONTIER_INJECT_CRASH_AT"  # "evaluated" (default: after the first bundle) or "trained"
 # errors that repeat on every attempt (bad input, a corrupt shard, NaN/Inf, a bug): failed at once, not retried
 DETERMINISTIC_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, AssertionError, NotImplementedError)
 
@@ -115,10 +126,27 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class _CheckpointClock:
+    """When training saves the trial's state: at every `checkpoint_every_steps`-th step that comes at least
+    `checkpoint_min_seconds` after the last save. A save writes every SAE's weights and Adam moments and Tune
+    copies them into its storage (an upload on a cluster), which on a GPU takes longer than the 50 steps between
+    two saves; a crash costs at most the time between saves."""
+
+    def __init__(self, spec: SweepSpec):
+        self.every, self.min_seconds = spec.train.checkpoint_every_steps, spec.train.checkpoint_min_seconds
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if step % self.every or time.monotonic() - self.last < self.min_seconds:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
 def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[str], spec: SweepSpec,
-                  work: Path) -> None:
-    """Report every `report_every_steps`; save the trainer state every `checkpoint_every_steps`."""
-    checkpoint = trainer.step % spec.train.checkpoint_every_steps == 0
+                  work: Path, clock: _CheckpointClock) -> None:
+    """Report every `report_every_steps`; save the trainer state when `clock` says."""
+    checkpoint = clock.due(trainer.step)
     if not checkpoint and trainer.step % spec.train.report_every_steps:
         return
     payload = TrainReport(trainer.tokens_seen, trainer.step, dict(zip(keys, metrics, strict=True))).to_tune()
@@ -190,12 +218,16 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
     last: list[dict[str, float]] = [saved.get("points", {}).get(key, {}) for key in keys]  # kept across restarts
     trained_here = not trainer.finished
     if trained_here:
+        clock = _CheckpointClock(spec)
+
         def on_report(_tokens: int, metrics: list[dict[str, float]]) -> None:
             nonlocal last
             last = [m or old for m, old in zip(metrics, last, strict=True)]
-            _report_train(trainer, metrics, keys, spec, work)
+            _report_train(trainer, metrics, keys, spec, work, clock)
 
         batches = itertools.islice(training_batches(train_store, spec, points[0].seed, device), start, None)
+        if device != "cpu":  # the host prepares the next batches while the GPU steps (sae.train.prefetched)
+            batches = prefetched(batches, PREFETCH_BATCHES)
         if os.environ.get(INJECT_NAN_ENV):
             batches = _faults_after_first_step(batches, trainer, keys)
         trainer.fit(batches, callback=on_report,
@@ -210,6 +242,9 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
     save_trainer_state(trainer.state_dict(), work, TRAINER_STATE)  # a restart after this point never retrains
     _write_text_atomic(work / TRAIN_FINAL, json.dumps({"points": dict(zip(keys, last, strict=True)),
                                                       "training": training}))
+    if trained_here:  # loading the LM and the first evaluation can take minutes: a crash there keeps the training
+        tune.report(TrainedReport(trainer.step).to_tune(), checkpoint=tune.Checkpoint.from_directory(work))
+        _inject_crash("trained")
     todo = [(i, p) for i, p in enumerate(points) if not point_done(work, p)]
     compute_dtypes = trainer.compute_dtypes
     saes = trainer.release()  # fp32 for scoring; the optimiser moments are not needed for evaluation
@@ -249,16 +284,17 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
                           {"device": device, "compute_dtype": compute_dtypes[i],
                            "splice_dtype": splice_dtype})
         tune.report(EvaluatedReport(point.trial_key).to_tune(), checkpoint=tune.Checkpoint.from_directory(work))
-        _inject_crash()
+        _inject_crash("evaluated")
     tune.report(_final_report(work, points, spec), checkpoint=tune.Checkpoint.from_directory(work))
 
 
-def _inject_crash() -> None:
+def _inject_crash(at: str) -> None:
     """Test hook: with $SAE_FRONTIER_INJECT_CRASH naming a file that does not exist yet, create it and kill this
-    process at once (as a lost node would), right after a point's bundle was checkpointed: Tune must restart
-    the trial from that checkpoint without redoing finished work. Unset in normal runs."""
+    process at once (as a lost node would), right after the checkpoint of `at` ($SAE_FRONTIER_INJECT_CRASH_AT:
+    "evaluated", a point's bundle, by default; or "trained", the end of training): Tune must restart the trial
+    from that checkpoint without redoing finished work. Unset in normal runs."""
     marker = os.environ.get(INJECT_CRASH_ENV)
-    if marker and not os.path.exists(marker):
+    if marker and not os.path.exists(marker) and os.environ.get(INJECT_CRASH_AT_ENV, "evaluated") == at:
         Path(marker).write_text(str(os.getpid()))
         os._exit(1)
 

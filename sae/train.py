@@ -12,17 +12,28 @@ reproducible only up to float rounding).
 from __future__ import annotations
 
 import ctypes
+import queue
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from sae.config import SAEConfig, TrainConfig
 from sae.matryoshka import matryoshka_loss
-from sae.model import DenseAuxDecode, SparseAutoencoder, SparseEncoderGrad, sparse_decode, torch_dtype
+from sae.model import (
+    DenseAuxDecode,
+    SparseAutoencoder,
+    SparseEncoderGrad,
+    fixed_shapes_on,
+    sparse_decode,
+    torch_dtype,
+)
 
+T = TypeVar("T")
 FINITE_CHECK_EVERY_GPU = 50  # steps between host reads of the finiteness flags on an accelerator
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr")  # what train_step reports per SAE
 PREFIX_FVU = "prefix_fvu/"  # + <m>: a Matryoshka SAE's training FVU of prefix m, one per group boundary
@@ -204,7 +215,7 @@ class Trainer:
         on_cpu = all(m.device.type == "cpu" for m in self._members)
         self.finite_check_every = finite_check_every or (1 if on_cpu else FINITE_CHECK_EVERY_GPU)
         for m in self._members:
-            m.sae.sync_free = m.device.type != "cpu" if sync_free is None else sync_free
+            m.sae.sync_free = fixed_shapes_on(m.device, sync_free)
         self._bad_batch_at: Tensor | None = None  # first step whose batch held NaN/Inf (deferred checks)
 
     @property
@@ -496,6 +507,57 @@ def to_device(batch: Tensor, device: str | torch.device) -> Tensor:
     if dev.type == "cuda" and batch.device.type == "cpu":
         return batch.pin_memory().to(dev, non_blocking=True)
     return batch.to(dev)
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """`items` produced up to `depth` ahead in a background thread. Reading and decoding shards, shuffling them
+    and pinning a batch all release the GIL, so on a GPU the host prepares the next batches while the device
+    runs the current step, instead of the device waiting for them. On a CPU trial the step already takes the
+    trial's cores, so there is nothing to overlap (callers prefetch off the CPU only). An error in the producer is
+    raised here in the item's place; closing this generator stops the producer and closes `items`."""
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", err))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "item":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _outcome(step: Callable[[], dict]) -> dict | FloatingPointError:

@@ -2,7 +2,15 @@
 
 import math
 
-from orchestrator.bundle import PHASE, DoneReport, EvaluatedReport, Phase, TrainReport, phase_of
+from orchestrator.bundle import (
+    PHASE,
+    DoneReport,
+    EvaluatedReport,
+    Phase,
+    TrainedReport,
+    TrainReport,
+    phase_of,
+)
 
 
 def test_train_report_keeps_each_points_metrics_apart():
@@ -21,6 +29,8 @@ def test_done_report_puts_a_one_point_trials_numbers_at_the_top_level():
     assert (back.points, back.points_failed, back.node_id, back.final["fvu"]) == (1, 0, "n1", 0.05)
     assert dict(back.final) == {"fvu": 0.05, "objective_fvu": 0.1}  # Tune's own counters are not the trial's metrics
     assert DoneReport.from_tune(EvaluatedReport("aaa").to_tune()) is None
+    trained = TrainedReport(step=12).to_tune()  # the end of training: neither a training step nor the last report
+    assert phase_of(trained) is Phase.TRAINED and trained["step"] == 12 and DoneReport.from_tune(trained) is None
     assert DoneReport.from_tune(None) is None
     nan = DoneReport(1, 1, "n1", {"objective_fvu": float("nan")}).to_tune()  # a failed point: Optuna sees NaN
     assert math.isnan(nan["objective_fvu"])

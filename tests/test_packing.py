@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from orchestrator.bundle import Phase, phase_of
 from orchestrator.packing import MB, describe_plan, pack_name, plan_packs, trial_memory
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.sweep import PointsFailed, run_sweep
 from orchestrator.tracking import ERROR_TAG, PARENT_TAG
-from orchestrator.trial import INJECT_CRASH_ENV, INJECT_NAN_ENV
+from orchestrator.trial import INJECT_CRASH_AT_ENV, INJECT_CRASH_ENV, INJECT_NAN_ENV
 from sae.lm import ModelInfo
 
 LM = ModelInfo(name="x", revision="r", n_layers=4, d_model=64, model_type="llama", n_params=10_000_000,
@@ -168,22 +171,28 @@ def test_packed_sweep_keeps_one_run_per_point_and_fails_only_the_poisoned_one(ho
 
 
 @pytest.mark.slow
-def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, tmp_path):
+@pytest.mark.parametrize("crash_at", ["evaluated", "trained"])
+def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, tmp_path, crash_at):
+    """Killed after its first point's bundle, or when training ends (with no checkpoint during training, so only
+    the one taken at its end can keep it): the retried trial redoes neither the training nor a finished point."""
     spec = load_spec("smoke", {"storage": str(home / "shards"), "results_path": str(home / "results"),
-                               "tracking_uri": f"sqlite:///{home}/mlflow.db", "experiment": "crashed",
+                               "tracking_uri": f"sqlite:///{home}/mlflow.db", "experiment": f"crashed-{crash_at}",
                                "resources": {"cpus": 2, "max_concurrent": 1, "pack": 4}})
+    if crash_at == "trained":
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"checkpoint_min_seconds": 1e6})})
     marker = tmp_path / "crashed"
     ray.shutdown()
-    os.environ[INJECT_CRASH_ENV] = str(marker)  # the trial process dies once, after its first point's bundle
+    os.environ[INJECT_CRASH_ENV] = str(marker)  # the trial process dies once
+    os.environ[INJECT_CRASH_AT_ENV] = crash_at
     try:
         outcome = run_sweep(spec)
     finally:
         ray.shutdown()
-        del os.environ[INJECT_CRASH_ENV]
+        del os.environ[INJECT_CRASH_ENV], os.environ[INJECT_CRASH_AT_ENV]
     assert marker.exists()  # the crash happened, and Tune restarted the trial from its checkpoint
     uri = spec.resolved_tracking_uri()
     client = MlflowClient(uri)
-    runs = _finals(uri, "crashed", outcome.parent_run_id)
+    runs = _finals(uri, f"crashed-{crash_at}", outcome.parent_run_id)
     assert set(runs) == {p.trial_key for p in spec.trial_points()}
     ends = []
     for run in runs.values():
@@ -193,6 +202,12 @@ def test_a_pack_killed_after_its_first_point_resumes_without_redoing_work(home, 
         assert steps and len(steps) == len(set(steps))  # training ran once: no step logged twice
         ends.append((m["tokens_seen"], m["pack_train_seconds"]))
     assert len(set(ends)) == 1  # the points evaluated after the restart report the one training that ran
+    # what the trial sent Tune, restart included: a retrained pack would report its training steps again
+    reported = [json.loads(line) for path in Path(outcome.experiment_dir).glob("run_trial_*/result.json")
+                for line in path.read_text().splitlines()]
+    train_steps = [r["step"] for r in reported if phase_of(r) is Phase.TRAIN]
+    assert train_steps and len(train_steps) == len(set(train_steps))
+    assert sum(phase_of(r) is Phase.TRAINED for r in reported) == 1
 
 
 @pytest.mark.slow
@@ -237,3 +252,23 @@ def test_cost_summary_says_reused_only_when_the_stores_were_complete():
         text = SweepOutcome("e", "p", empty, empty, seconds, 40.0, "d", timings, harvest_reused=reused).cost_summary()
         assert ("reused from the store" in text) is reused
         assert ("would take" in text) is (not reused)
+
+
+def test_a_trial_checkpoints_every_n_steps_but_at_most_once_per_min_seconds(monkeypatch):
+    """On a GPU 50 steps take less than copying a pack's weights and Adam moments into Tune's storage: the clock
+    keeps checkpoints at least checkpoint_min_seconds apart; 0 restores one every checkpoint_every_steps."""
+    from orchestrator import trial
+
+    now = [1000.0]
+    monkeypatch.setattr(trial.time, "monotonic", lambda: now[0])
+    spec = load_spec("default")
+    assert spec.train.checkpoint_every_steps == 50 and spec.train.checkpoint_min_seconds == 120
+    clock = trial._CheckpointClock(spec)
+    due = []
+    for step, t in ((50, 1030.0), (100, 1125.0), (120, 1300.0), (150, 1300.0), (200, 1310.0), (250, 1430.0)):
+        now[0] = t
+        due.append(clock.due(step))
+    assert due == [False, True, False, True, False, True]
+    every = trial._CheckpointClock(spec.model_copy(update={"train": spec.train.model_copy(
+        update={"checkpoint_min_seconds": 0.0})}))
+    assert [every.due(s) for s in (49, 50, 51, 100)] == [False, True, False, True]

@@ -140,6 +140,9 @@ def test_the_prepared_gpu_check_runs_end_to_end_on_cpu(tmp_path):
         assert row["sync_free_tokens_per_s"] > 0 and row["host_reads_tokens_per_s"] > 0
         assert row["sync_free_syncs_per_step"] is None  # counted on CUDA only
     assert "aten::topk" in Path(result["profile"]["profile"]).read_text()
+    assert set(result["feed_from_store"]) == {"feed_only_tokens_per_s", "step_fed_in_line_tokens_per_s",
+                                              "step_fed_prefetched_tokens_per_s"}
+    assert all(v > 0 for v in result["feed_from_store"].values())
     checks = result["splice_and_evaluate"]
     assert checks["splice_path"] == "fast"
     assert checks["splice_ce_diff"] < 1e-4 and checks["splice_kl_diff"] < 1e-4

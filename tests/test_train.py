@@ -3,6 +3,9 @@ trainer-state files), multi-SAE streams, AuxK (dense and sparse paths, normalise
 training FVU."""
 
 import copy
+import itertools
+import threading
+import time
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from sae.train import (
     aux_rows,
     auxk_loss,
     native_bf16,
+    prefetched,
     resolve_compute_dtype,
     train_sae,
 )
@@ -473,3 +477,44 @@ def test_aux_tokens_scores_auxk_on_the_window_only(planted):
 def test_aux_tokens_must_be_positive():
     with pytest.raises(ValueError, match=r"aux_tokens\n  Input should be greater than or equal to 1"):
         TrainConfig(aux_tokens=0)
+
+
+def test_prefetched_runs_ahead_in_a_thread_keeps_order_raises_in_place_and_stops_on_close():
+    """A GPU trial's feed (orchestrator.trial): the batches come in order, a failure in the producer surfaces at
+    the batch it replaced, and a consumer that stops early (a failed step, a finished budget) stops the producer."""
+    assert list(prefetched(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetched(range(5), 0)) == list(range(5))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("shard 3 is corrupt")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 is corrupt"):
+        for x in prefetched(failing(), 2):
+            got.append(x)
+    assert got == [1, 2]
+
+    produced, closed, producers = [], threading.Event(), set()
+
+    def endless():
+        try:
+            for i in itertools.count():
+                producers.add(threading.get_ident())
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = prefetched(endless(), 2)
+    assert next(it) == 0
+    deadline = time.monotonic() + 10
+    while len(produced) < 4 and time.monotonic() < deadline:  # the producer fills the queue while we wait
+        time.sleep(0.01)
+    assert len(produced) >= 4 and threading.get_ident() not in producers
+    time.sleep(0.1)
+    assert len(produced) <= 1 + 2 + 1  # never more than depth ahead (+ one produced item waiting for a slot)
+    assert [next(it) for _ in range(3)] == [1, 2, 3]
+    it.close()
+    assert closed.is_set() and not any(t.name == "prefetch" for t in threading.enumerate())
