@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -276,6 +277,11 @@ def splice_speed(device: torch.device, a) -> dict:
 def feed_from_store(device: torch.device, a, out: Path) -> dict:
     """A trial's feed on the device: a shard store's batches (orchestrator.shards, needs pyarrow) shuffled, pinned
     and copied, alone and feeding the sync-free bf16 step, with and without the GPU trial's prefetch thread."""
+    with tempfile.TemporaryDirectory() as tmp:  # ~600 MB at the default sizes: never left in --out
+        return _feed_from_store(device, a, Path(tmp) / "feed_store")
+
+
+def _feed_from_store(device: torch.device, a, store: Path) -> dict:
     import numpy as np
 
     from orchestrator.shards import Manifest, iter_batches, write_manifest, write_shard
@@ -283,7 +289,6 @@ def feed_from_store(device: torch.device, a, out: Path) -> dict:
 
     d, n, k, B = a.d_in, a.n_latents, a.k, a.batch_size
     rows, n_shards = 2 * B, 8  # 16 batches per pass, a buffer of 4 shards as in a trial
-    store = out / "feed_store"
     infos = []
     for i in range(n_shards):
         ids = np.arange(i * rows, (i + 1) * rows)

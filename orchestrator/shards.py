@@ -262,15 +262,28 @@ def write_manifest(store: str | ShardStore, manifest: Manifest) -> None:
     ShardStore.of(store).write(MANIFEST, manifest.to_json().encode())
 
 
-def _act_width(col_type: pa.DataType, dtype: str) -> int:
-    """How many values each row of an act column holds (format 2: bytes / itemsize; format 1: the list size)."""
-    if pa.types.is_fixed_size_binary(col_type):
-        return col_type.byte_width // getattr(torch, dtype).itemsize
-    return col_type.list_size
+def _act_layout_error(field: pa.Field, d: int, dtype: str) -> str | None:
+    """Why an act column does not hold d values of `dtype` per row, or None when it does (format 2: a
+    fixed-size binary of d * itemsize bytes whose metadata, when present, names the same dtype and d; format 1: a
+    fixed-size list of d values)."""
+    itemsize = getattr(torch, dtype).itemsize
+    if pa.types.is_fixed_size_binary(field.type):
+        meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+        if "dtype" in meta and meta["dtype"] != dtype:
+            return f"holds {meta['dtype']} vectors, the manifest says {dtype}"
+        width, rest = divmod(field.type.byte_width, itemsize)
+        if rest or width != d or meta.get("d", str(d)) != str(d):
+            return f"holds vectors of width {meta.get('d', field.type.byte_width / itemsize)}, the manifest says d={d}"
+        return None
+    if pa.types.is_fixed_size_list(field.type):
+        return None if field.type.list_size == d else \
+            f"holds vectors of width {field.type.list_size}, the manifest says d={d}"
+    return f"has an act column of type {field.type}, not a fixed-size binary or list"
 
 
 def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
-    """A read-only view of the shard's buffer (no copy): callers cat / index / convert, which copies."""
+    """A read-only view of the shard's buffer (no copy, for a shard read whole): callers cat / index / convert,
+    which copies."""
     if isinstance(col, pa.ChunkedArray):
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     else:
@@ -282,7 +295,8 @@ def _decode_act(col: pa.ChunkedArray, d: int, dtype: str) -> torch.Tensor:
             width = arr.type.byte_width
             raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
             return torch.from_numpy(raw).view(torch_dtype).view(-1, d)
-        values = arr.values.to_numpy(zero_copy_only=False)  # format 1: a list of floats (uint16 bits for bf16)
+        # format 1: a list of floats (uint16 bits for bf16); flatten() honours a sliced array's offset
+        values = arr.flatten().to_numpy(zero_copy_only=False)
         if dtype == "bfloat16":
             return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).view(-1, d)
         return torch.from_numpy(values).view(-1, d)
@@ -324,10 +338,9 @@ def load_shard(store: str | ShardStore, manifest: Manifest, index: int, columns:
     for name in columns:
         col = table.column(name)
         if name == "act":
-            width = _act_width(col.type, manifest.dtype)
-            if width != manifest.d:
-                raise ShardError(f"shard {spath} holds vectors of width {width}, the manifest says "
-                                 f"d={manifest.d}. {_fix_hint(store, spath)}")
+            wrong = _act_layout_error(table.schema.field(name), manifest.d, manifest.dtype)
+            if wrong:
+                raise ShardError(f"shard {spath} {wrong}. {_fix_hint(store, spath)}")
             out[name] = _decode_act(col, manifest.d, manifest.dtype)
         elif name == "label":
             arr = col.combine_chunks()

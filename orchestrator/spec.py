@@ -106,7 +106,8 @@ class TrainSpec(TrainSettings):
     batch_size: int = Field(4096, ge=1, le=1 << 20, description="tokens per step")
     epochs: int = Field(1, ge=1, le=10_000, description="passes over the harvested training tokens")
     report_every_steps: int = Field(10, ge=1, le=10**9, description="steps between training metrics sent to Tune")
-    checkpoint_every_steps: int = Field(50, ge=1, le=10**9, description="steps between resumable checkpoints")
+    checkpoint_every_steps: int = Field(50, ge=1, le=10**9, description="steps between resumable checkpoints (at "
+                                                                       "most one per checkpoint_min_seconds)")
     checkpoint_min_seconds: float = Field(
         120.0, ge=0, le=10**7, description="at most one checkpoint per this many seconds of training: a checkpoint "
                                            "copies every SAE's weights and Adam moments into Tune's storage, which "
@@ -346,12 +347,14 @@ def _in_hash_layout(model: BaseModel, dump: dict[str, Any], section: str = "") -
 
 # Fields added after sweeps had been run (SweepSpec.spec_hash), each with when its value means what the spec meant
 # before it existed: a corpus read as before, AuxK on the whole batch (the window covers it, or there is none), and
-# a float32 splice (auto may splice in bf16, so an older sweep's spec is not resumed under it unnoticed).
+# a float32 splice (auto may splice in bf16, so an older sweep's spec is not resumed under it unnoticed); how often
+# a trial checkpoints never changes what it computes, so it stays out of the hash and may change on a resume.
 ADDED_FIELDS: dict[str, Callable[[SweepSpec], bool]] = {
     "text_unit": lambda s: s.text_unit == SweepSpec.model_fields["text_unit"].default,
     "corpus_field": lambda s: s.corpus_field == SweepSpec.model_fields["corpus_field"].default,
     "train.aux_tokens": lambda s: s.train.aux_tokens is None or s.train.aux_tokens >= s.train.batch_size,
     "eval.splice_dtype": lambda s: s.eval.splice_dtype == "float32",
+    "train.checkpoint_min_seconds": lambda s: True,
 }
 
 

@@ -146,7 +146,7 @@ class _CheckpointClock:
 def _report_train(trainer: Trainer, metrics: list[dict[str, float]], keys: list[str], spec: SweepSpec,
                   work: Path, clock: _CheckpointClock) -> None:
     """Report every `report_every_steps`; save the trainer state when `clock` says."""
-    checkpoint = clock.due(trainer.step)
+    checkpoint = not trainer.finished and clock.due(trainer.step)  # the last step's is taken with TRAINED
     if not checkpoint and trainer.step % spec.train.report_every_steps:
         return
     payload = TrainReport(trainer.tokens_seen, trainer.step, dict(zip(keys, metrics, strict=True))).to_tune()
@@ -230,8 +230,13 @@ def _train_and_evaluate(trainer: Trainer, points: list[TrialPoint], keys: list[s
             batches = prefetched(batches, PREFETCH_BATCHES)
         if os.environ.get(INJECT_NAN_ENV):
             batches = _faults_after_first_step(batches, trainer, keys)
-        trainer.fit(batches, callback=on_report,
-                    log_every=math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps))
+        try:
+            trainer.fit(batches, callback=on_report,
+                        log_every=math.gcd(spec.train.report_every_steps, spec.train.checkpoint_every_steps))
+        finally:  # fit may stop early or raise: a prefetch thread stops with it
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
     train_seconds = time.perf_counter() - t0
     training = {"pack_train_seconds": train_seconds,  # of the process that finished the training
                 "train_tokens_per_second": (trainer.tokens_seen - start_tokens) / max(train_seconds, 1e-9),

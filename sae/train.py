@@ -531,8 +531,9 @@ def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
         return False
 
     def produce() -> None:
-        source = iter(items)
+        source = None
         try:
+            source = iter(items)
             for item in source:
                 if not put(("item", item)):
                     return

@@ -187,6 +187,9 @@ def _write_format_1_shard(path, index: int, act: torch.Tensor, dtype: str) -> di
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_format_1_store_still_streams(tmp_path, dtype):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     act = torch.randn(2 * ROWS, D, generator=torch.Generator().manual_seed(1))
     infos = [_write_format_1_shard(tmp_path, i, act[i * ROWS:(i + 1) * ROWS], dtype) for i in range(2)]
     write_manifest(str(tmp_path), Manifest(
@@ -202,6 +205,9 @@ def test_a_format_1_store_still_streams(tmp_path, dtype):
     write_manifest(str(tmp_path), m)
     with pytest.raises(ShardError, match=r"holds vectors of width 8, the manifest says d=9"):
         load_shard(str(tmp_path), m, 0)
+    legacy = pq.read_table(tmp_path / "shard-00000.parquet").column("act").chunk(0)
+    sliced = shards._decode_act(pa.chunked_array([legacy.slice(2, 3)]), D, dtype)  # a view that starts mid-array
+    assert torch.equal(sliced, act[2:5].to(getattr(torch, dtype)))
     m.format = 3
     write_manifest(str(tmp_path), m)
     with pytest.raises(ShardError, match=r"manifest format 3, this code reads 1 and 2; delete .* rerun the harvest"):
@@ -222,6 +228,11 @@ def test_a_shard_describes_itself_to_any_parquet_reader(tmp_path, dtype):
     raw = np.frombuffer(b"".join(table.column("act").to_pylist()), dtype=np.uint8)
     decoded = torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).view(-1, D)
     assert torch.equal(decoded, act.to(getattr(torch, dtype)))
+    m = read_manifest(store)
+    m.dtype = "float16" if dtype != "float16" else "bfloat16"  # a manifest that misreads the bytes' dtype
+    write_manifest(store, m)
+    with pytest.raises(ShardError, match=rf"holds {dtype} vectors, the manifest says {m.dtype}.*rerun the harvest"):
+        load_shard(store, m, 0)
 
 
 def test_a_stream_hashes_each_shard_once_and_shuffles_a_buffer_by_its_seeded_permutation(tmp_path, monkeypatch):

@@ -496,6 +496,13 @@ def test_prefetched_runs_ahead_in_a_thread_keeps_order_raises_in_place_and_stops
             got.append(x)
     assert got == [1, 2]
 
+    class Unreadable:
+        def __iter__(self):
+            raise OSError("store unreachable")
+
+    with pytest.raises(OSError, match="store unreachable"):  # raised here, not a consumer waiting forever
+        next(prefetched(Unreadable(), 2))
+
     produced, closed, producers = [], threading.Event(), set()
 
     def endless():
