@@ -1,6 +1,6 @@
 """What a trial's feed costs next to its training step, on the default spec's harvested store.
 
-    python benchmarks/feed_throughput.py [--repeats 3] [--n-latents 2048]
+    python benchmarks/feed_throughput.py [--repeats 3] [--n-latents 2048] [--store PATH]
 
 On one thread, as a CPU trial runs (best of --repeats, the machine is shared):
   - read: every shard file read once (`ShardStore.read_buffer`), the floor any feed pays;
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-latents", type=int, default=2048)
     p.add_argument("--steps", type=int, default=40, help="training steps timed")
+    p.add_argument("--store", help="another store of the default spec's activations (say, one of format 1)")
     a = p.parse_args(argv)
-    found = default_stores()
+    found = {"train": [a.store]} if a.store else default_stores()
     if found is None:
         return 1
     torch.set_num_threads(1)
