@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,15 @@ class _CheckpointClock:
     copies them into its storage (an upload on a cluster), which on a GPU takes longer than the 50 steps between
     two saves; a crash costs at most the time between saves."""
 
-    def __init__(self, spec: SweepSpec):
+    def __init__(self, spec: SweepSpec, now: Callable[[], float] = time.monotonic):
         self.every, self.min_seconds = spec.train.checkpoint_every_steps, spec.train.checkpoint_min_seconds
-        self.last = time.monotonic()
+        self.now = now
+        self.last = now()
 
     def due(self, step: int) -> bool:
-        if step % self.every or time.monotonic() - self.last < self.min_seconds:
+        if step % self.every or self.now() - self.last < self.min_seconds:
             return False
-        self.last = time.monotonic()
+        self.last = self.now()
         return True
 
 

@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.cluster_demo import free_port, stop_process  # noqa: F401 - free_port: the one free-port finder, re-exported for tests
+from orchestrator.cluster_demo import free_port, free_ports, stop_process  # noqa: F401 - the one free-port finder, re-exported for tests
 
 
 def get_json(url: str, data: dict | None = None) -> Any:

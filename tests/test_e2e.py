@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from servers import free_port, get_json, serving
+from servers import free_port, free_ports, get_json, serving
 
 from orchestrator.spec import load_spec
 
@@ -29,7 +29,7 @@ def submitted(tmp_path_factory):
     home = tmp_path_factory.mktemp("job_home")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    gcs, dash = free_ports(2)  # two calls of free_port() can return the same port
     start = subprocess.run(
         [BIN / "ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
          "--num-cpus=2", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)

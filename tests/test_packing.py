@@ -254,16 +254,15 @@ def test_cost_summary_says_reused_only_when_the_stores_were_complete():
         assert ("would take" in text) is (not reused)
 
 
-def test_a_trial_checkpoints_every_n_steps_but_at_most_once_per_min_seconds(monkeypatch):
+def test_a_trial_checkpoints_every_n_steps_but_at_most_once_per_min_seconds():
     """On a GPU 50 steps take less than copying a pack's weights and Adam moments into Tune's storage: the clock
     keeps checkpoints at least checkpoint_min_seconds apart; 0 restores one every checkpoint_every_steps."""
     from orchestrator import trial
 
     now = [1000.0]
-    monkeypatch.setattr(trial.time, "monotonic", lambda: now[0])
     spec = load_spec("default")
     assert spec.train.checkpoint_every_steps == 50 and spec.train.checkpoint_min_seconds == 120
-    clock = trial._CheckpointClock(spec)
+    clock = trial._CheckpointClock(spec, now=lambda: now[0])
     due = []
     for step, t in ((50, 1030.0), (100, 1125.0), (120, 1300.0), (150, 1300.0), (200, 1310.0), (250, 1430.0)):
         now[0] = t
