@@ -284,7 +284,7 @@ def feed_from_store(device: torch.device, a, out: Path) -> dict:
 def _feed_from_store(device: torch.device, a, store: Path) -> dict:
     import numpy as np
 
-    from orchestrator.shards import Manifest, iter_batches, write_manifest, write_shard
+    from orchestrator.shards import Manifest, iter_batches, manifest_entry, write_manifest, write_shard
     from sae.train import prefetched
 
     d, n, k, B = a.d_in, a.n_latents, a.k, a.batch_size
@@ -296,7 +296,7 @@ def _feed_from_store(device: torch.device, a, store: Path) -> dict:
                 "position": np.ones(rows, np.int32), "doc_id": ids.astype(np.int64)}
         info = write_shard(str(store), i, torch.randn(rows, d), "float32", cols, ["-"], np.zeros(rows, np.int32),
                            first_context=i * rows, n_contexts=rows)
-        infos.append({key: info[key] for key in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")})
+        infos.append(manifest_entry(info))
     write_manifest(str(store), Manifest(
         key="feed", model="-", revision="-", site="-", corpus="-", split="train", tokens=n_shards * rows, d=d,
         dtype="float32", mean_norm=1.0, context_length=2, n_contexts=n_shards * rows, contexts_per_shard=rows,

@@ -40,6 +40,7 @@ from orchestrator.shards import (
     STORAGE_DTYPES,
     Manifest,
     ShardStore,
+    manifest_entry,
     shard_name,
     sidecar_name,
     write_manifest,
@@ -269,7 +270,7 @@ def _harvest_held(cfg: HarvestConfig, store: ShardStore, info: Any, lease: Lease
         key=key, model=cfg.model, revision=info.revision, site=cfg.site, corpus=cfg.corpus, split=cfg.split,
         tokens=total, d=info.d_model, dtype=cfg.dtype, mean_norm=sum(s["norm_sum"] for s in shards) / total,
         context_length=cfg.context_length, n_contexts=len(ctx), contexts_per_shard=per, labels=labels,
-        shards=[{k: s[k] for k in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")} for s in shards],
+        shards=[manifest_entry(s) for s in shards],
         config={**cfg.model_dump(), "content": cfg.content_fields()})
     write_manifest(store, manifest)
     log.info("harvest %s: %d tokens in %.1fs -> %s", key, total, time.perf_counter() - t_start, store)

@@ -48,6 +48,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: act as fixed_size_list<float>[d] (still read, no longer written)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 RECORD_COLUMNS = ("act", "token_id", "context_id", "position", "doc_id", "label")
+MANIFEST_SHARD_KEYS = ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")  # a sidecar's, in the manifest
 log = logging.getLogger(__name__)
 
 
@@ -255,6 +256,11 @@ def write_shard(store: str | ShardStore, index: int, act: torch.Tensor, dtype: s
     store.write(info["name"], data)
     store.write(sidecar_name(index), json.dumps(info).encode())
     return info
+
+
+def manifest_entry(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest lists of a shard: its sidecar without the harvest's extras (timings)."""
+    return {k: sidecar[k] for k in MANIFEST_SHARD_KEYS}
 
 
 def write_manifest(store: str | ShardStore, manifest: Manifest) -> None:

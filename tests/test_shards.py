@@ -13,6 +13,7 @@ from orchestrator.shards import (
     iter_batches,
     iter_records,
     load_shard,
+    manifest_entry,
     read_manifest,
     verify_store,
     write_manifest,
@@ -37,8 +38,7 @@ def make_store(path, dtype="float32", n_shards=N_SHARDS) -> tuple[str, torch.Ten
     m = Manifest(key="k", model="m", revision="r", site="resid_post.0", corpus="c", split="train",
                  tokens=n_shards * ROWS, d=D, dtype=dtype, mean_norm=sum(s["norm_sum"] for s in infos) / (n_shards * ROWS),
                  context_length=11, n_contexts=n_shards * 5, contexts_per_shard=5, labels=LABELS,
-                 shards=[{k: s[k] for k in ("name", "rows", "bytes", "sha256", "first_context", "n_contexts")}
-                         for s in infos])
+                 shards=[manifest_entry(s) for s in infos])
     write_manifest(str(path), m)
     return str(path), act
 
